@@ -1,0 +1,51 @@
+"""hf_compress: make Hugging Face Transformers models really smaller and faster.
+
+Importing the package registers the ``"hf_compress"`` quantizer plugin with transformers, so a compressed
+checkpoint reloads with plain ``AutoModel.from_pretrained(path)``. The import is cheap: heavier parts (trainers,
+the one-call API, the Hub helpers) load on first use, and nothing initialises CUDA.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+
+__version__ = "0.1.0"
+
+from .adapters import ADAPTERS, ArchitectureAdapter, UnsupportedArchitectureError, get_adapter  # noqa: E402
+from .config import CompressionConfig, TechniqueConfig  # noqa: E402
+from .quantizer import HfCompressQuantizer, get_recipe  # noqa: E402
+from .registry import register_technique, registered_techniques  # noqa: E402
+
+
+# Each technique subpackage registers itself on import; the list fixes which ones ship.
+_TECHNIQUE_PACKAGES = ()
+for _name in _TECHNIQUE_PACKAGES:
+    importlib.import_module(f"{__name__}.{_name}")
+
+# Public names that live in submodules with heavier imports, loaded on first access (PEP 562).
+_LAZY = {
+    "apply_compression": ".api",
+}
+
+__all__ = [
+    "__version__",
+    "ADAPTERS",
+    "ArchitectureAdapter",
+    "CompressionConfig",
+    "HfCompressQuantizer",
+    "TechniqueConfig",
+    "UnsupportedArchitectureError",
+    "get_adapter",
+    "get_recipe",
+    "register_technique",
+    "registered_techniques",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
