@@ -31,19 +31,23 @@ def _slice(model, config, copy_weights):
     for layer in adapter.layer_modules(model):
         for path in adapter.ffn_in:
             old = adapter.sub(layer, path)
-            new = nn.Linear(old.in_features, config.keep, device=old.weight.device, dtype=old.weight.dtype)
+            new = nn.Linear(old.in_features, config.keep, bias=old.bias is not None, device=old.weight.device,
+                            dtype=old.weight.dtype)  # fmt: skip
             if copy_weights:
                 with torch.no_grad():
                     new.weight.copy_(old.weight[: config.keep])
-                    new.bias.copy_(old.bias[: config.keep])
+                    if old.bias is not None:
+                        new.bias.copy_(old.bias[: config.keep])
             parent, _, child = path.rpartition(".")
             setattr(adapter.sub(layer, parent), child, new)
         old = adapter.sub(layer, adapter.ffn_out)
-        new = nn.Linear(config.keep, old.out_features, device=old.weight.device, dtype=old.weight.dtype)
+        new = nn.Linear(config.keep, old.out_features, bias=old.bias is not None, device=old.weight.device,
+                        dtype=old.weight.dtype)  # fmt: skip
         if copy_weights:
             with torch.no_grad():
                 new.weight.copy_(old.weight[:, : config.keep])
-                new.bias.copy_(old.bias)
+                if old.bias is not None:
+                    new.bias.copy_(old.bias)
         parent, _, child = adapter.ffn_out.rpartition(".")
         setattr(adapter.sub(layer, parent), child, new)
 
