@@ -20,12 +20,18 @@ from .registry import register_technique, registered_techniques  # noqa: E402
 
 
 # Each technique subpackage registers itself on import; the list fixes which ones ship.
-_TECHNIQUE_PACKAGES = ()
+_TECHNIQUE_PACKAGES = ("pruning", "quantization")
 for _name in _TECHNIQUE_PACKAGES:
     importlib.import_module(f"{__name__}.{_name}")
 
 # Public names that live in submodules with heavier imports, loaded on first access (PEP 562).
 _LAZY = {
+    "HeadPruningConfig": ".pruning",
+    "FFNPruningConfig": ".pruning",
+    "GradualPruningCallback": ".pruning",
+    "WeightQuantizationConfig": ".quantization",
+    "QuantLinear": ".quantization",
+    "QuantEmbedding": ".quantization",
     "apply_compression": ".api",
 }
 
