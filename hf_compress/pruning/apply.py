@@ -21,6 +21,8 @@ __all__ = [
     "apply_ffn_pruning",
     "restructure_ffn_pruning",
     "removal_counts",
+    "plan_heads",
+    "plan_ffn",
 ]
 
 
@@ -114,15 +116,11 @@ def _importance_matrix(model: nn.Module, heads: list[list[int]], scores: list[to
     return matrix
 
 
-def apply_head_pruning(model: nn.Module, config: HeadPruningConfig, calibration_data: Any = None) -> HeadPruningConfig:
-    """Rank and remove heads of `model` in place; return the config with the explicit `heads_to_prune` map."""
-    heads = kept_heads(model)
-    if config.heads_to_prune is not None:
-        prune_heads(model, config.heads_to_prune)
-        return config
-    method, scores = _scores(model, "heads", config, calibration_data)
-    total = sum(len(h) for h in heads)
-    to_remove = config.num_heads_to_prune if config.fraction is None else round(config.fraction * total)
+def plan_heads(
+    model: nn.Module, heads: list[list[int]], scores: list[torch.Tensor], to_remove: int, config: HeadPruningConfig
+) -> dict[int, list[int]]:
+    """``{layer: [original heads]}`` to remove: the `to_remove` least important, as `config` ranks them, adjusted
+    per layer to a valid grouped-query layout."""
     counts = removal_counts(scores, to_remove, config.ranking, config.min_heads_per_layer)
     group_size = num_heads(model) // num_kv_heads(model)
     plan = {}
@@ -135,6 +133,19 @@ def apply_head_pruning(model: nn.Module, config: HeadPruningConfig, calibration_
         removed = sorted(set(kept) - set(chosen))
         if removed:
             plan[layer] = removed
+    return plan
+
+
+def apply_head_pruning(model: nn.Module, config: HeadPruningConfig, calibration_data: Any = None) -> HeadPruningConfig:
+    """Rank and remove heads of `model` in place; return the config with the explicit `heads_to_prune` map."""
+    heads = kept_heads(model)
+    if config.heads_to_prune is not None:
+        prune_heads(model, config.heads_to_prune)
+        return config
+    method, scores = _scores(model, "heads", config, calibration_data)
+    total = sum(len(h) for h in heads)
+    to_remove = config.num_heads_to_prune if config.fraction is None else round(config.fraction * total)
+    plan = plan_heads(model, heads, scores, to_remove, config)
     matrix = _importance_matrix(model, heads, scores)
     prune_heads(model, plan)
     return dataclasses.replace(
@@ -145,6 +156,12 @@ def apply_head_pruning(model: nn.Module, config: HeadPruningConfig, calibration_
 def restructure_head_pruning(model: nn.Module, config: HeadPruningConfig) -> None:
     """Rebuild the pruned attention shapes on an empty skeleton (inside `from_pretrained`)."""
     prune_heads(model, config.heads_to_prune or {})
+
+
+def plan_ffn(scores: list[torch.Tensor], to_remove: int, config: FFNPruningConfig) -> dict[int, int]:
+    """FFN size kept per layer when the `to_remove` least important neurons go (rounded up to `round_to`)."""
+    counts = removal_counts(scores, to_remove, config.ranking, config.min_neurons_per_layer)
+    return {layer: config.kept_size(len(s) - c, len(s)) for layer, (s, c) in enumerate(zip(scores, counts))}
 
 
 def apply_ffn_pruning(model: nn.Module, config: FFNPruningConfig, calibration_data: Any = None) -> FFNPruningConfig:
@@ -161,10 +178,7 @@ def apply_ffn_pruning(model: nn.Module, config: FFNPruningConfig, calibration_da
                 )
         targets = {layer: sizes[layer] for layer in range(len(sizes))} | config.intermediate_sizes
     else:
-        counts = removal_counts(
-            scores, round(config.fraction * sum(sizes)), config.ranking, config.min_neurons_per_layer
-        )
-        targets = {layer: config.kept_size(n - c, n) for layer, (n, c) in enumerate(zip(sizes, counts))}
+        targets = plan_ffn(scores, round(config.fraction * sum(sizes)), config)
     keep = {
         layer: score.argsort(descending=True)[: targets[layer]].sort().values
         for layer, score in enumerate(scores)

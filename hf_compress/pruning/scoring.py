@@ -44,6 +44,8 @@ class UnitGates:
         masks: ``{layer: tensor[units]}`` of fixed gates (0 removes a unit's contribution exactly as pruning does).
         record: when true, each forward creates per-example gates ``probes[layer]`` (``[batch, units]``, ones, with
             ``requires_grad``) whose gradients are the per-example sensitivities.
+        accumulate: with `record`, every backward pass adds ``|dL/dxi|`` summed over examples to ``totals[layer]``
+            (and the example count to ``examples[layer]``): Michel scores of whatever loss is trained, for free.
     """
 
     def __init__(self, model: nn.Module, kind: str) -> None:
@@ -54,6 +56,9 @@ class UnitGates:
         self.masks: dict[int, torch.Tensor] = {}
         self.probes: dict[int, torch.Tensor] = {}
         self.record = False
+        self.accumulate = False
+        self.totals: dict[int, torch.Tensor] = {}
+        self.examples: dict[int, int] = {}
         self._handles = []
         for index, layer in enumerate(adapter.layer_modules(model)):
             if kind == "heads" and isinstance(adapter.sub(layer, adapter.attention), EmptyAttention):
@@ -72,6 +77,8 @@ class UnitGates:
             if self.record:
                 probe = torch.ones(x.shape[0], x.shape[-1] // self.width, device=x.device, dtype=x.dtype)
                 self.probes[index] = probe.requires_grad_(True)
+                if self.accumulate and torch.is_grad_enabled():
+                    probe.register_hook(self._accumulator(index))
                 gate = probe if gate is None else probe * gate
             if gate is None:
                 return None
@@ -81,6 +88,14 @@ class UnitGates:
             return (x * gate, *args[1:])
 
         return hook
+
+    def _accumulator(self, index: int):
+        def add(grad: torch.Tensor) -> None:
+            total = grad.detach().abs().sum(0).double().cpu()
+            self.totals[index] = self.totals[index] + total if index in self.totals else total
+            self.examples[index] = self.examples.get(index, 0) + grad.shape[0]
+
+        return add
 
     def remove(self) -> None:
         for handle in self._handles:
