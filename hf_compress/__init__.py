@@ -20,7 +20,7 @@ from .registry import register_technique, registered_techniques  # noqa: E402
 
 
 # Each technique subpackage registers itself on import; the list fixes which ones ship.
-_TECHNIQUE_PACKAGES = ("pruning", "quantization")
+_TECHNIQUE_PACKAGES = ("pruning", "quantization", "factorization")
 for _name in _TECHNIQUE_PACKAGES:
     importlib.import_module(f"{__name__}.{_name}")
 
@@ -32,6 +32,10 @@ _LAZY = {
     "WeightQuantizationConfig": ".quantization",
     "QuantLinear": ".quantization",
     "QuantEmbedding": ".quantization",
+    "EmbeddingFactorizationConfig": ".factorization",
+    "LowRankLinearConfig": ".factorization",
+    "FactorizedEmbedding": ".factorization",
+    "LowRankLinear": ".factorization",
     "apply_compression": ".api",
 }
 

@@ -1,0 +1,208 @@
+"""Factorize the input token embedding (`apply`) and rebuild it on an empty skeleton (`restructure`).
+
+Besides swapping the module, three pieces of transformers bookkeeping must follow, or a factorized model breaks
+far from the cause:
+
+* tied output heads: the head becomes a `FactorizedLMHead` sharing both factors, and the model's tied-weight keys
+  are rewritten to name the factor (``lm_head.decoder.weight -> ...token_factor.weight``), so `save_pretrained`
+  drops the duplicate, `from_pretrained` ties it back and `tie_weights()` keeps them one tensor;
+* `resize_token_embeddings`: transformers only resizes `nn.Embedding`; the model gets a resize hook that resizes
+  the token factor (the head follows through the tied keys);
+* readers of ``.weight`` get a materialised dense matrix (`FactorizedEmbedding.weight`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..adapters import get_adapter
+from ..calibration import calibration_batches
+from ..utils import replace_module
+from .config import EmbeddingFactorizationConfig
+from .layers import FactorizedEmbedding, FactorizedLMHead
+from .svd import weighted_row_svd
+
+
+__all__ = ["apply_embedding_factorization", "restructure_embedding_factorization", "token_frequencies"]
+
+
+def _locate(model: nn.Module) -> tuple[str, nn.Embedding]:
+    adapter = get_adapter(model)
+    if adapter.embeddings is None:
+        raise ValueError(
+            f"{type(model).__name__} ({model.config.model_type}) has no input token embedding to factorize (it reads "
+            "pixels, not token ids). Use LowRankLinearConfig to factorize its linear layers instead."
+        )
+    embedding = adapter.input_embeddings(model)
+    if isinstance(embedding, FactorizedEmbedding):
+        raise ValueError("The input embedding is already factorized; apply EmbeddingFactorizationConfig only once.")
+    if not isinstance(embedding, nn.Embedding):
+        raise TypeError(f"Expected the input embedding to be an nn.Embedding, got {type(embedding).__name__}.")
+    name = next(n for n, m in model.named_modules() if m is embedding)
+    return name, embedding
+
+
+def _check_rank(rank: int, vocab: int, hidden: int, how: str) -> None:
+    if rank < 1:
+        raise ValueError(f"{how} gives rank {rank}; the rank must be >= 1 (raise the budget or the energy).")
+    if rank >= min(vocab, hidden) or rank * (vocab + hidden) >= vocab * hidden:
+        limit = (vocab * hidden - 1) // (vocab + hidden)
+        raise ValueError(
+            f"{how} gives rank {rank} for a {vocab}x{hidden} embedding; factors of that rank hold "
+            f"{rank * (vocab + hidden):,} parameters, no fewer than the {vocab * hidden:,} of the table itself. "
+            f"Use a rank of at most {limit} (e.g. rank={min(limit, hidden // 3) or 1})."
+        )
+
+
+def token_frequencies(
+    model: nn.Module, data: Any, vocab_size: int, max_texts: int, tokenizer: Any = None
+) -> torch.Tensor:
+    """How often each token id occurs in the (unpadded) calibration text, as a float tensor of ``vocab_size``."""
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for batch in calibration_batches(model, data, tokenizer=tokenizer, max_samples=max_texts, batch_size=64):
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        ids = ids[mask.bool()] if mask is not None else ids.reshape(-1)
+        ids = ids[(ids >= 0) & (ids < vocab_size)].cpu()
+        counts.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
+    if counts.sum() == 0:
+        raise ValueError("The calibration data contains no tokens; pass real text to weight the factorization.")
+    return counts
+
+
+def _resolve_rank(config: EmbeddingFactorizationConfig, singular_values: torch.Tensor, vocab: int, hidden: int):
+    from .svd import rank_for_energy
+
+    if config.rank is not None:
+        rank, how = config.rank, f"rank={config.rank}"
+    elif config.energy is not None:
+        rank, how = rank_for_energy(singular_values, config.energy), f"energy={config.energy}"
+    else:
+        budget = config.param_budget
+        max_params = budget if isinstance(budget, int) else budget * vocab * hidden
+        rank = math.floor((max_params - (hidden if config.center else 0)) / (vocab + hidden))
+        how = f"param_budget={budget}"
+    _check_rank(rank, vocab, hidden, how)
+    return rank
+
+
+@torch.no_grad()
+def apply_embedding_factorization(
+    model: PreTrainedModel, config: EmbeddingFactorizationConfig, calibration_data: Any = None, tokenizer: Any = None
+) -> EmbeddingFactorizationConfig:
+    """Factorize `model`'s input embedding in place; return the config with the chosen rank and init filled in."""
+    name, embedding = _locate(model)
+    table = embedding.weight
+    vocab, hidden = table.shape
+    if config.rank is not None:
+        _check_rank(config.rank, vocab, hidden, f"rank={config.rank}")
+    init = config.init
+    if init == "auto":
+        init = "frequency" if calibration_data is not None else "svd"
+    weights = None
+    if init == "frequency":
+        if calibration_data is None:
+            raise ValueError(
+                "init='frequency' weights tokens by how often they occur in calibration text, but none was given. "
+                "Pass calibration_data=[...texts...] or use init='svd'."
+            )
+        counts = token_frequencies(model, calibration_data, vocab, config.max_calibration_texts, tokenizer)
+        weights = counts + config.smoothing
+    singular_values, vectors, offset = weighted_row_svd(table, weights, center=config.center)
+    rank = _resolve_rank(config, singular_values, vocab, hidden)
+    basis = vectors[:, :rank]  # (hidden, rank), orthonormal columns
+    centered = table.double() - offset if offset is not None else table.double()
+    factorized = FactorizedEmbedding(
+        vocab, hidden, rank, embedding.padding_idx, bias=config.center, device=table.device, dtype=table.dtype
+    )
+    factorized.token_factor.weight.copy_(centered @ basis)
+    factorized.projection.weight.copy_(basis)
+    if offset is not None:
+        factorized.projection.bias.copy_(offset)
+    factorized.requires_grad_(table.requires_grad)
+    _install(model, name, factorized)
+    return dataclasses.replace(config, rank=rank, energy=None, param_budget=None, init=init)
+
+
+def restructure_embedding_factorization(model: PreTrainedModel, config: EmbeddingFactorizationConfig) -> None:
+    """Rebuild the factorized embedding (and tied head) on an empty skeleton; the weights are loaded afterwards."""
+    name, embedding = _locate(model)
+    vocab, hidden = embedding.weight.shape
+    _check_rank(config.rank, vocab, hidden, f"The stored rank={config.rank}")
+    factorized = FactorizedEmbedding(
+        vocab,
+        hidden,
+        config.rank,
+        embedding.padding_idx,
+        bias=config.center,
+        device=embedding.weight.device,
+        dtype=embedding.weight.dtype,
+    )
+    _install(model, name, factorized)
+
+
+def _install(model: PreTrainedModel, name: str, factorized: FactorizedEmbedding) -> None:
+    source = f"{name}.weight"
+    tied_heads = sorted({t.rpartition(".")[0] for t, s in _all_tied(model).items() if s == source})
+    replace_module(model, name, factorized)
+    for head_name in tied_heads:
+        head = model.get_submodule(head_name)
+        replace_module(model, head_name, FactorizedLMHead(factorized, bias=getattr(head, "bias", None)))
+    if tied_heads:
+        _rewrite_tied_keys(model, name, tied_heads)
+    # Transformers' own resize only knows nn.Embedding; an instance attribute takes precedence over the class
+    # method for `self._resize_token_embeddings(...)` inside `resize_token_embeddings`.
+    model._resize_token_embeddings = types.MethodType(_resize_factorized, model)
+
+
+def _all_tied(model: PreTrainedModel) -> dict[str, str]:
+    return dict(getattr(model, "all_tied_weights_keys", None) or {})
+
+
+def _rewrite_tied_keys(model: PreTrainedModel, embedding_name: str, head_names: list[str]) -> None:
+    """Point every tie of the old head and table at the head's `decoder` and the embedding's `token_factor`."""
+
+    def rename(full: str) -> str:
+        if full == f"{embedding_name}.weight":
+            return f"{embedding_name}.token_factor.weight"
+        for head in head_names:
+            if full.startswith(head + "."):
+                return f"{head}.decoder.{full[len(head) + 1 :]}"
+        return full
+
+    for prefix, sub in model.named_modules():
+        if isinstance(sub, PreTrainedModel) and sub._tied_weights_keys:
+            lead = f"{prefix}." if prefix else ""
+            sub._tied_weights_keys = {  # instance attribute, read by `get_expanded_tied_weights_keys`
+                rename(lead + t)[len(lead) :]: rename(lead + s)[len(lead) :] for t, s in sub._tied_weights_keys.items()
+            }
+    for sub in model.modules():
+        if isinstance(sub, PreTrainedModel):
+            sub.all_tied_weights_keys = sub.get_expanded_tied_weights_keys(all_submodels=True)
+
+
+def _resize_factorized(
+    self: PreTrainedModel, new_num_tokens: int | None, pad_to_multiple_of: int | None = None, mean_resizing=True
+):
+    embedding = self.get_input_embeddings()
+    if not isinstance(embedding, FactorizedEmbedding):  # factorization undone by hand: transformers' own path
+        return type(self)._resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of, mean_resizing)
+    if pad_to_multiple_of is not None:
+        new_num_tokens = embedding.num_embeddings if new_num_tokens is None else new_num_tokens
+        new_num_tokens = math.ceil(new_num_tokens / pad_to_multiple_of) * pad_to_multiple_of
+    if new_num_tokens is None:
+        return embedding
+    embedding.resize(new_num_tokens, mean_resizing=mean_resizing)
+    head = self.get_output_embeddings()
+    if isinstance(head, FactorizedLMHead):
+        head.decoder.out_features = new_num_tokens  # its weight is re-tied by `tie_weights()` right after this
+    elif head is not None:  # an untied dense head is resized the usual way
+        self.set_output_embeddings(self._get_resized_lm_head(head, new_num_tokens, mean_resizing=mean_resizing))
+    return embedding
