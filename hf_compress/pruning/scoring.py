@@ -187,14 +187,14 @@ def _magnitude(model: nn.Module, kind: str) -> list[torch.Tensor]:
             continue
         dim = head_dim(model)
         # A head writes through its o-proj columns and reads values through its v rows; q/k only route attention.
-        out = _weight_io(adapter.sub(layer, adapter.output), inputs=True).view(len(heads), -1).norm(dim=1)
+        out = _weight_io(adapter.sub(layer, adapter.output), inputs=True).reshape(len(heads), -1).norm(dim=1)
         if adapter.fused_qkv:
             rows = _weight_io(adapter.sub(layer, adapter.fused_qkv), inputs=False)
             values = rows[2 * len(heads) * dim :].reshape(len(heads), -1).norm(dim=1)
         else:
             groups = gqa_layout(heads, model)
             group_size = len(heads) // len(groups)
-            v = _weight_io(adapter.sub(layer, adapter.value), inputs=False).view(len(groups), -1).norm(dim=1)
+            v = _weight_io(adapter.sub(layer, adapter.value), inputs=False).reshape(len(groups), -1).norm(dim=1)
             values = v.repeat_interleave(group_size)
         scores.append(out * values)
     return scores
@@ -239,7 +239,8 @@ def _gradient(model, kind, data, tokenizer, max_samples, batch_size, max_length,
                 if labels is not None:
                     batch["labels"] = torch.tensor(labels[seen : seen + size], device=batch["input_ids"].device)
                 elif "labels" not in batch and _is_causal_lm(model) and "input_ids" in batch:
-                    batch["labels"] = batch["input_ids"].masked_fill(batch.get("attention_mask", 1) == 0, -100)
+                    mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+                    batch["labels"] = batch["input_ids"].masked_fill(mask == 0, -100)
                 outputs = model(**batch)
                 if "labels" in batch:
                     loss, power = outputs.loss * size, 1  # per-example gradients of a mean loss, rescaled
