@@ -14,7 +14,11 @@ INIT_METHODS = ("auto", "frequency", "svd")
 
 
 def _check_choice(rank, energy, param_budget, owner: str, allow_none: bool = False) -> None:
-    given = [name for name, value in (("rank", rank), ("energy", energy), ("param_budget", param_budget)) if value]
+    given = [
+        name
+        for name, value in (("rank", rank), ("energy", energy), ("param_budget", param_budget))
+        if value is not None
+    ]
     if len(given) > 1 or (not given and not allow_none):
         raise ValueError(
             f"{owner} takes exactly one of rank, energy or param_budget, got {given or 'none'}. Example: "

@@ -83,13 +83,15 @@ class FactorizedEmbedding(nn.Module):
             return dense  # differentiable: a loss on it trains the factors
         return dense.detach()
 
-    @weight.setter
-    def weight(self, value: torch.Tensor) -> None:
-        raise TypeError(
-            "FactorizedEmbedding has no dense `weight` to assign: it stores `token_factor.weight` "
-            f"({self.num_embeddings}x{self.rank}) and `projection.weight` ({self.embedding_dim}x{self.rank}). "
-            "Assign those instead, or use `model.resize_token_embeddings(n)` to change the vocabulary."
-        )
+    def __setattr__(self, name: str, value) -> None:
+        # nn.Module routes Parameters to `register_parameter`, which would bypass a property setter.
+        if name == "weight":
+            raise TypeError(
+                "FactorizedEmbedding has no dense `weight` to assign: it stores `token_factor.weight` "
+                f"({self.num_embeddings}x{self.rank}) and `projection.weight` ({self.embedding_dim}x{self.rank}). "
+                "Assign those instead, or use `model.resize_token_embeddings(n)` to change the vocabulary."
+            )
+        super().__setattr__(name, value)
 
     def resize(self, new_num_tokens: int, mean_resizing: bool = True) -> None:
         """Grow or shrink the vocabulary in place; new tokens start at the mean (or a random) factor row."""
