@@ -37,6 +37,9 @@ _LAZY = {
     "FactorizedEmbedding": ".factorization",
     "LowRankLinear": ".factorization",
     "apply_compression": ".api",
+    "DistillationArguments": ".distillation",
+    "DistillationTrainer": ".distillation",
+    "make_student": ".distillation",
 }
 
 __all__ = [
