@@ -18,6 +18,7 @@ from hf_compress.pruning import (
     kept_heads,
     plot_head_importance,
 )
+from hf_compress.pruning.plot import head_importance_table
 from hf_compress.pruning.transform import ffn_size
 
 
@@ -120,10 +121,14 @@ def test_heatmap_is_saved_next_to_the_model(tmp_path, minilm, debian_texts):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
 
-def test_heatmap_explains_missing_scores():
+def test_heatmap_without_scores_and_from_a_config(tmp_path):
     model = tiny_model("bert")
     with pytest.raises(ValueError, match="No head pruning found"):
         plot_head_importance(model)
     apply_compression(model, HeadPruningConfig(heads_to_prune={0: [1]}))
-    with pytest.raises(ValueError, match="given explicitly"):
-        plot_head_importance(model)
+    assert plot_head_importance(model, tmp_path).stat().st_size > 1000  # explicit heads: layout only
+    scores, removed, heads = head_importance_table(model)
+    assert scores is None and removed == {(0, 1)} and heads == 4
+    config = HeadPruningConfig(heads_to_prune={1: [0]}, head_importance=[[0.1, 0.2], [None, 0.9]])
+    assert head_importance_table(config) == ([[0.1, 0.2], [None, 0.9]], {(1, 0)}, 2)
+    assert plot_head_importance(config) is not None  # a figure, for notebooks and the model card

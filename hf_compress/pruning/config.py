@@ -168,7 +168,8 @@ class FFNPruningConfig(_ScoringFields, TechniqueConfig):
 
     fraction: float | None = field(default=None, metadata={"help": "Share of FFN neurons to remove."})
     intermediate_sizes: dict[int, int] | None = field(
-        default=None, metadata={"help": "Explicit {layer: kept FFN size}; resolved value stored in the recipe."}
+        default=None,
+        metadata={"help": "Explicit {layer: FFN neurons kept}, instead of fraction (the recipe stores this map)."},
     )
     round_to: int = field(default=1, metadata={"help": "Round kept sizes up to a multiple of this."})
     min_neurons_per_layer: int = field(default=1, metadata={"help": "Neurons always kept per layer."})

@@ -13,14 +13,19 @@ __all__ = ["plot_head_importance", "head_importance_table"]
 FILENAME = "head_importance.png"
 
 
-def head_importance_table(model_or_recipe: Any) -> tuple[list[list[float | None]], set[tuple[int, int]]]:
-    """The ``layers x heads`` scores and the ``(layer, head)`` pairs removed, from a pruned model or its recipe.
+def head_importance_table(source: Any) -> tuple[list[list[float | None]] | None, set[tuple[int, int]], int]:
+    """Scores (``layers x heads``, ``None`` when none were computed), removed ``(layer, head)`` pairs, head count.
 
-    Several head-pruning steps (gradual pruning) are merged: the latest score of each head is shown, and a head
-    removed by any step is marked.
+    `source` is a pruned model, its recipe, or one `HeadPruningConfig` (or a list of them). Several head-pruning
+    steps (gradual pruning) are merged: the latest score of each head is kept, a head removed by any step is marked.
     """
-    recipe = getattr(getattr(model_or_recipe, "config", None), "quantization_config", model_or_recipe)
-    steps = recipe.find("head_pruning") if hasattr(recipe, "find") else []
+    recipe = getattr(getattr(source, "config", None), "quantization_config", source)
+    if hasattr(recipe, "find"):
+        steps = recipe.find("head_pruning")
+    else:
+        steps = [
+            s for s in (recipe if isinstance(recipe, (list, tuple)) else [recipe]) if hasattr(s, "heads_to_prune")
+        ]
     if not steps:
         raise ValueError(
             "No head pruning found: the model's recipe has no 'head_pruning' step. Prune with "
@@ -31,19 +36,18 @@ def head_importance_table(model_or_recipe: Any) -> tuple[list[list[float | None]
     for step in steps:
         for layer, heads in (step.heads_to_prune or {}).items():
             removed.update((int(layer), head) for head in heads)
-        if step.head_importance is not None:
+        for layer, row in enumerate(step.head_importance or []):
             if scores is None:
-                scores = [list(row) for row in step.head_importance]
-            for layer, row in enumerate(step.head_importance):
-                for head, value in enumerate(row):
-                    if value is not None:
-                        scores[layer][head] = value
-    if scores is None:
-        raise ValueError(
-            "The heads were given explicitly (heads_to_prune=...), so no importance was computed; prune with "
-            "fraction= or num_heads_to_prune= to get scores for the heatmap."
-        )
-    return scores, removed
+                scores = [list(r) for r in step.head_importance]
+            scores[layer] = [new if new is not None else old for new, old in zip(row, scores[layer])]
+    config = getattr(getattr(source, "config", None), "get_text_config", None)
+    if scores is not None:
+        heads = len(scores[0])
+    elif config is not None:
+        heads = int(config().num_attention_heads)
+    else:
+        heads = max((h for _, h in removed), default=0) + 1
+    return scores, removed, heads
 
 
 def plot_head_importance(
@@ -52,8 +56,9 @@ def plot_head_importance(
     """Draw the head-importance heatmap of a pruned model; removed heads are crossed out.
 
     Args:
-        model_or_recipe (`PreTrainedModel` or `CompressionConfig`): a model pruned by hf_compress (also after
-            `from_pretrained`: the scores travel in ``config.json``) or its recipe.
+        model_or_recipe (`PreTrainedModel`, `CompressionConfig` or `HeadPruningConfig`): a model pruned by
+            hf_compress (also after `from_pretrained`: the scores travel in ``config.json``), its recipe, or the
+            resolved head-pruning config(s). Heads given explicitly (no scores) are drawn as a kept/removed layout.
         save_directory (`str` or `os.PathLike`, *optional*): where to write `filename`, e.g. the folder the model
             was saved to. Without it, the matplotlib figure is returned (for notebooks).
 
@@ -71,8 +76,13 @@ def plot_head_importance(
         matplotlib.use("Agg", force=False)  # headless when writing files; notebooks keep their backend
     import matplotlib.pyplot as plt
 
-    scores, removed = head_importance_table(model_or_recipe)
-    layers, heads = len(scores), len(scores[0])
+    scores, removed, heads = head_importance_table(model_or_recipe)
+    if scores is None:  # heads given explicitly: show the layout only
+        layers = max((layer for layer, _ in removed), default=0) + 1
+        if hasattr(model_or_recipe, "config"):
+            layers = int(model_or_recipe.config.get_text_config().num_hidden_layers)
+        scores = [[None] * heads for _ in range(layers)]
+    layers = len(scores)
     grid = [[math.nan if v is None else v for v in row] for row in scores]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * heads + 2), max(2.5, 0.4 * layers + 1.2)))
     image = ax.imshow(grid, cmap="viridis", aspect="auto")
