@@ -113,12 +113,16 @@ def test_lora_on_a_pruned_model_has_pruned_shapes_and_reloads(tmp_path):
         )
 
 
-def test_heatmap_is_saved_next_to_the_model(tmp_path, minilm, debian_texts):
-    apply_compression(minilm, HeadPruningConfig(fraction=1 / 6, max_samples=8), calibration_data=debian_texts)
-    minilm.save_pretrained(tmp_path)
+def test_heatmap_is_saved_next_to_the_model(tmp_path):
+    model = tiny_model("bert", num_hidden_layers=3)
+    batches = [tiny_inputs("bert", batch=4, seed=s) for s in range(2)]
+    apply_compression(model, HeadPruningConfig(fraction=1 / 3), calibration_data=batches)
+    model.save_pretrained(tmp_path)
     path = plot_head_importance(AutoModel.from_pretrained(tmp_path), tmp_path)  # scores travel in config.json
     assert path == tmp_path / "head_importance.png"
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    scores, removed, heads = head_importance_table(model)
+    assert len(removed) == 4 and heads == 4 and all(scores[layer][head] is not None for layer, head in removed)
 
 
 def test_heatmap_without_scores_and_from_a_config(tmp_path):
