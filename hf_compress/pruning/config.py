@@ -74,11 +74,15 @@ class HeadPruningConfig(_ScoringFields, TechniqueConfig):
     at most the requested number of heads (so at least the requested number is removed); a key/value head whose
     query heads are all removed is removed too. An explicit map that breaks this rule raises a `ValueError`.
 
+    Limitations: a model with an attention layer emptied entirely returns no attention map for that layer with
+    ``output_attentions=True``, and generation needs the default dynamic KV cache (a static cache preallocates the
+    unpruned head count).
+
     Args:
         fraction (`float`, *optional*):
-            Share of all query heads to remove, in [0, 1).
+            Share of the query heads the model has now to remove, in [0, 1) (``round(fraction * heads)``).
         num_heads_to_prune (`int`, *optional*):
-            Number of query heads to remove in total.
+            Number of query heads to remove in total, over all layers.
         heads_to_prune (`dict[int, list[int]]`, *optional*):
             Explicit ``{layer index: [head indices]}`` (original numbering). Layers may lose all their heads: such a
             layer skips its attention (the residual path and the output bias remain).
