@@ -24,6 +24,12 @@ _TECHNIQUE_PACKAGES = ("pruning", "quantization", "factorization")
 for _name in _TECHNIQUE_PACKAGES:
     importlib.import_module(f"{__name__}.{_name}")
 
+# LoRA on our quantized layers through plain `get_peft_model`: registered when PEFT is (or gets) imported, which
+# this line never does itself (see hf_compress/peft_integration.py).
+from .peft_integration import install as _install_peft  # noqa: E402
+
+_install_peft()
+
 # Public names that live in submodules with heavier imports, loaded on first access (PEP 562).
 _LAZY = {
     "HeadPruningConfig": ".pruning",
