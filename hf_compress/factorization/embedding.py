@@ -3,11 +3,11 @@
 Besides swapping the module, three pieces of transformers bookkeeping must follow, or a factorized model breaks
 far from the cause:
 
-* tied output heads: the head becomes a `FactorizedLMHead` sharing both factors, and the model's tied-weight keys
-  are rewritten to name the factor (``lm_head.decoder.weight -> ...token_factor.weight``), so `save_pretrained`
-  drops the duplicate, `from_pretrained` ties it back and `tie_weights()` keeps them one tensor;
+* tied output heads: the head becomes a `FactorizedLMHead` that reads both factors from the embedding, and the
+  ``head.weight -> table.weight`` entry leaves the model's tied-weight keys (neither tensor exists any more), so
+  `save_pretrained`, `from_pretrained` and `tie_weights()` have nothing stale to tie;
 * `resize_token_embeddings`: transformers only resizes `nn.Embedding`; the model gets a resize hook that resizes
-  the token factor (the head follows through the tied keys);
+  the token factor (a tied head follows by construction, a head bias is padded by `tie_weights()`);
 * readers of ``.weight`` get a materialised dense matrix (`FactorizedEmbedding.weight`).
 """
 
@@ -167,21 +167,17 @@ def _all_tied(model: PreTrainedModel) -> dict[str, str]:
 
 
 def _rewrite_tied_keys(model: PreTrainedModel, embedding_name: str, head_names: list[str]) -> None:
-    """Point every tie of the old head and table at the head's `decoder` and the embedding's `token_factor`."""
+    """Drop the ties between the old table and the heads' weights: the heads now read the factors themselves.
 
-    def rename(full: str) -> str:
-        if full == f"{embedding_name}.weight":
-            return f"{embedding_name}.token_factor.weight"
-        for head in head_names:
-            if full.startswith(head + "."):
-                return f"{head}.decoder.{full[len(head) + 1 :]}"
-        return full
-
+    Other ties (BERT's decoder bias -> ``cls.predictions.bias``) keep their names and stay.
+    """
+    dropped = {f"{embedding_name}.weight", *(f"{head}.weight" for head in head_names)}
     for prefix, sub in model.named_modules():
         if isinstance(sub, PreTrainedModel) and sub._tied_weights_keys:
             lead = f"{prefix}." if prefix else ""
-            sub._tied_weights_keys = {  # instance attribute, read by `get_expanded_tied_weights_keys`
-                rename(lead + t)[len(lead) :]: rename(lead + s)[len(lead) :] for t, s in sub._tied_weights_keys.items()
+            # An instance attribute, read by `get_expanded_tied_weights_keys` when `tie_weights()` recomputes.
+            sub._tied_weights_keys = {
+                t: s for t, s in sub._tied_weights_keys.items() if lead + t not in dropped and lead + s not in dropped
             }
     for sub in model.modules():
         if isinstance(sub, PreTrainedModel):
@@ -201,8 +197,6 @@ def _resize_factorized(
         return embedding
     embedding.resize(new_num_tokens, mean_resizing=mean_resizing)
     head = self.get_output_embeddings()
-    if isinstance(head, FactorizedLMHead):
-        head.decoder.out_features = new_num_tokens  # its weight is re-tied by `tie_weights()` right after this
-    elif head is not None:  # an untied dense head is resized the usual way
+    if head is not None and not isinstance(head, FactorizedLMHead):  # an untied dense head is resized the usual way
         self.set_output_embeddings(self._get_resized_lm_head(head, new_num_tokens, mean_resizing=mean_resizing))
     return embedding

@@ -121,22 +121,23 @@ class FactorizedEmbedding(nn.Module):
 class FactorizedLMHead(nn.Module):
     """The output head of a model whose tied input embedding is a `FactorizedEmbedding`; it shares both factors.
 
-    ``logits = (hidden @ P) @ A.T + b`` with ``A`` the token factor and ``P`` the projection: a ``hidden -> rank``
-    product, then ``decoder``, an `nn.Linear(rank, vocab)` whose weight *is* ``A`` (tied the transformers way, through
-    the model's tied-weight keys, so save/load and `tie_weights()` keep them one tensor).
-    Reading `weight` gives the dense ``(vocab, hidden)`` matrix, as for the embedding.
+    ``logits = (hidden @ P) @ A.T + <hidden, b> (+ bias)`` with ``A`` the token factor, ``P`` the projection and
+    ``b`` its optional offset: exactly ``hidden @ E'.T`` for the materialised table ``E'``, at the cost of a
+    ``hidden -> rank -> vocab`` product. The head owns no copy of the factors: it reads them from the embedding at
+    every call, so there is one tensor to save, train or quantize (a quantized token factor is dequantized here),
+    and transformers has no tied weight to track for it. Reading `weight` gives the dense ``(vocab, hidden)`` matrix.
+
+    Args:
+        embedding (`FactorizedEmbedding`): the model's input embedding.
+        bias (`nn.Parameter`, *optional*): the old head's output bias (e.g. BERT's MLM decoder bias), kept as is.
     """
 
     def __init__(self, embedding: FactorizedEmbedding, bias: nn.Parameter | None = None) -> None:
         super().__init__()
-        # Not a submodule: the embedding is registered where the model keeps it; registering it twice would save
-        # its tensors twice under two names.
+        # Not a submodule: the embedding is registered where the model keeps it; registering it here too would save
+        # its tensors twice, under two names.
         self.__dict__["_embedding"] = embedding
-        # Built on meta, then given the shared factor: no throwaway (vocab x rank) allocation.
-        self.decoder = nn.Linear(embedding.rank, embedding.num_embeddings, bias=False, device="meta")
-        self.decoder.weight = embedding.token_factor.weight
-        if bias is not None:  # e.g. BERT's MLM decoder bias, itself tied to `cls.predictions.bias`
-            self.decoder.bias = bias
+        self.bias = bias
 
     @property
     def embedding(self) -> FactorizedEmbedding:
@@ -148,23 +149,22 @@ class FactorizedLMHead(nn.Module):
 
     @property
     def out_features(self) -> int:
-        return self.decoder.out_features
+        return self.embedding.num_embeddings
 
     @out_features.setter
-    def out_features(self, value: int) -> None:  # transformers' `_adjust_bias` sets it after tying
-        self.decoder.out_features = value
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.decoder.bias
+    def out_features(self, value: int) -> None:  # set by transformers' `_adjust_bias`; the embedding is the truth
+        pass
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        projection = self.embedding.projection
-        logits = self.decoder(hidden_states @ dense_weight(projection).to(hidden_states.dtype))
+        projection, dtype = self.embedding.projection, hidden_states.dtype
+        reduced = hidden_states @ dense_weight(projection).to(dtype)
+        logits = F.linear(reduced, dense_weight(self.embedding.token_factor).to(dtype))
         if projection.bias is not None:
             # Every embedding row carries the shared offset b, so every logit gets <hidden, b>: one scalar per
             # position (softmax ignores it, but the logits then equal those of the dense tied head exactly).
-            logits = logits + (hidden_states @ projection.bias.to(hidden_states.dtype)).unsqueeze(-1)
+            logits = logits + (hidden_states @ projection.bias.to(dtype)).unsqueeze(-1)
+        if self.bias is not None:
+            logits = logits + self.bias.to(dtype)
         return logits
 
     @property
