@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import FAMILIES, tiny_inputs, tiny_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from hf_compress import apply_compression, get_recipe
 from hf_compress.adapters import get_adapter
-from hf_compress.pruning import EmptyAttention, FFNPruningConfig, HeadPruningConfig, UnitGates, kept_heads
+from hf_compress.pruning import (
+    EmptyAttention,
+    FFNPruningConfig,
+    HeadPruningConfig,
+    UnitGates,
+    kept_heads,
+    prune_heads,
+)
 from hf_compress.pruning.transform import ffn_size
 from hf_compress.utils import count_parameters
 
@@ -145,3 +156,26 @@ def test_gqa_rejects_unequal_groups():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="same number of query heads in every kept key/value group"):
         apply_compression(model, HeadPruningConfig(heads_to_prune={0: [0]}))
+
+
+@settings(max_examples=15, deadline=None)
+@given(data=st.data(), family=st.sampled_from(["bert", "gpt2", "llama"]))
+def test_any_valid_head_map_equals_masking(data, family):
+    """Property: for any valid removal map (any per-layer counts, GQA layouts included), pruning == masking."""
+    model, inputs = _CACHED.setdefault(family, (tiny_model(family), tiny_inputs(family)))
+    plan = {}
+    for layer in range(2):
+        if family in GQA:  # choose kept groups and an equal number of query heads per kept group
+            groups = data.draw(st.lists(st.sampled_from([0, 1]), unique=True, max_size=2))
+            per_group = data.draw(st.integers(1, 2))
+            kept = {g * 2 + i for g in groups for i in range(per_group)}
+        else:
+            kept = set(data.draw(st.lists(st.integers(0, 3), unique=True, max_size=4)))
+        plan[layer] = sorted(set(range(4)) - kept)
+    reference = _masked_reference(model, inputs, heads=plan)
+    pruned = copy.deepcopy(model)
+    prune_heads(pruned, plan)
+    torch.testing.assert_close(_out(pruned, inputs), reference, rtol=1e-5, atol=1e-5)
+
+
+_CACHED: dict = {}
