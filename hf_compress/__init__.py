@@ -32,6 +32,11 @@ _install_peft()
 
 # Public names that live in submodules with heavier imports, loaded on first access (PEP 562).
 _LAZY = {
+    "compress": ".compressor",
+    "CompressionResult": ".compressor",
+    "CompressionReport": ".report",
+    "push_to_hub": ".hub",
+    "save_compressed": ".hub",
     "HeadPruningConfig": ".pruning",
     "FFNPruningConfig": ".pruning",
     "GradualPruningCallback": ".pruning",

@@ -1,0 +1,367 @@
+"""`compress`: from a model (object, local folder or Hub id) to a compressed, evaluated, documented model in one call."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .api import apply_compression
+from .config import CompressionConfig, TechniqueConfig
+from .presets import DEFAULT_PRESET, preset_configs
+from .registry import get_technique
+from .report import CompressionReport, embedding_fidelity, latency_ratio, size_breakdown, task_metrics
+
+
+__all__ = ["compress", "CompressionResult", "load_model"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressionResult:
+    """What `compress` returns: the compressed model, its report, and where it was saved and pushed."""
+
+    model: Any
+    report: CompressionReport | None
+    tokenizer: Any = None
+    output_dir: Path | None = None
+    push: Any = None  # hf_compress.hub.PushResult
+    configs: list[TechniqueConfig] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        where = f", saved to {self.output_dir}" if self.output_dir else ""
+        table = f"\n{self.report.to_text()}" if self.report else ""
+        return f"CompressionResult({type(self.model).__name__}{where}){table}"
+
+
+def load_model(model_or_id: Any, auto_class: Any = None, tokenizer: Any = None) -> tuple[Any, Any, str]:
+    """(model, tokenizer, name) for a model object, a local folder or a Hub id.
+
+    A folder or id is loaded with the class named in its ``config.json`` ``architectures`` (so a classifier keeps
+    its head), or `auto_class` when given; the tokenizer saved with it is loaded too when there is one.
+    """
+    import transformers
+
+    if not isinstance(model_or_id, (str, os.PathLike)):
+        if not isinstance(model_or_id, torch.nn.Module):
+            raise TypeError(
+                f"compress() takes a model, a local folder or a Hub id such as 'user/name'; got "
+                f"{type(model_or_id).__name__}."
+            )
+        name = getattr(getattr(model_or_id, "config", None), "_name_or_path", "") or type(model_or_id).__name__
+        return model_or_id, tokenizer, str(name)
+    source = str(model_or_id)
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
+        raise FileNotFoundError(f"{source} is a folder without config.json: it is not a transformers checkpoint.")
+    config = transformers.AutoConfig.from_pretrained(source)
+    cls = auto_class
+    if cls is None:
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        cls = cls if cls is not None and hasattr(cls, "from_pretrained") else transformers.AutoModel
+    model = cls.from_pretrained(source).eval()
+    if tokenizer is None:
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, TypeError):
+            tokenizer = None  # vision models, or a checkpoint saved without its tokenizer
+    return model, tokenizer, source
+
+
+def compress(
+    model_or_id: Any,
+    *configs: TechniqueConfig,
+    recipe: CompressionConfig | list | str | os.PathLike | None = None,
+    preset: str | None = None,
+    budget: float | str | None = None,
+    calibration_data: Any = None,
+    eval_data: Any = None,
+    task_data: Any = None,
+    metric: str = "accuracy",
+    distill: bool | dict | None = None,
+    output_dir: str | os.PathLike | None = None,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    tokenizer: Any = None,
+    auto_class: Any = None,
+    measure: bool = True,
+    card: bool = True,
+    max_eval_texts: int = 64,
+    reproduce_command: str | None = None,
+    progress: bool = False,
+) -> CompressionResult:
+    """Compress a model in one call: load, apply the techniques in canonical order, measure, save, push.
+
+    What to apply comes from exactly one of `configs`, `recipe`, `preset` or `budget`; with none of them the
+    ``"int8"`` preset is used. Structural techniques (pruning, factorization) run first, then recovery
+    distillation from the original when asked for, then quantization.
+
+    Args:
+        model_or_id (`PreTrainedModel`, `str` or `os.PathLike`):
+            A model object (compressed in place), a local checkpoint folder or a Hub id. Folders and ids are loaded
+            with the class in their ``config.json`` (`auto_class` overrides it).
+        *configs (`TechniqueConfig`): technique configs, e.g. ``HeadPruningConfig(fraction=1/3)``.
+        recipe (`CompressionConfig`, `list[dict]` or path, *optional*): a recipe object, its technique dicts, or a
+            JSON file holding that list (what ``hf_compress_recipe.json`` of a compressed folder contains).
+        preset (`str`, *optional*): one of `hf_compress.presets.PRESETS` (``int8``, ``int4``, ``distil``, ``max``).
+        budget (`float` or `str`, *optional*): a target size: megabytes (``12`` or ``"12MB"``) or a reduction
+            factor (``"10x"``). Searches settings that fit with the best measured fidelity (needs calibration data;
+            see `hf_compress.budget`).
+        calibration_data (`list[str]` or `datasets.Dataset`, *optional*): text for data-aware techniques; also the
+            fidelity texts when `eval_data` is not given.
+        eval_data (`list[str]` or `datasets.Dataset`, *optional*): texts for the fidelity measurement.
+        task_data (`list[dict]` or `datasets.Dataset`, *optional*): labeled rows (``text``, ``label``) scored with
+            `metric` before and after.
+        metric (`str`, *optional*, defaults to `"accuracy"`): an `evaluate` metric: one shipped with hf_compress
+            (``accuracy``, ``embedding_fidelity``), a path to a metric script, or a Hub metric name when online.
+        distill (`bool` or `dict`, *optional*): recovery distillation after the structural techniques; a dict is
+            passed to the distillation recipe as keyword arguments. Defaults to what the preset says.
+        output_dir (`str` or `os.PathLike`, *optional*): save the model, tokenizer, report, card and plots here
+            (atomically: a failure never leaves a half-written folder).
+        push_to_hub (`str`, *optional*): ``"user/name"``: push the saved folder in one commit (needs `output_dir`,
+            or a temporary folder is used).
+        private (`bool`, *optional*): create the Hub repo as private.
+        token (`str`, *optional*): Hub token; defaults to ``HF_TOKEN`` or the ``hf auth login`` one.
+        measure (`bool`, *optional*, defaults to `True`): build the report (keeps a copy of the original meanwhile).
+        card (`bool`, *optional*, defaults to `True`): write README.md (model card) and plots into `output_dir`.
+        reproduce_command (`str`, *optional*): the command shown in the card's "Reproduce" section.
+        progress (`bool`, *optional*, defaults to `False`): show a progress bar over the stages (the CLI sets it).
+
+    Returns:
+        `CompressionResult` with ``.model``, ``.report`` (print ``.report.to_text()``), ``.output_dir``, ``.push``.
+
+    ```py
+    >>> import hf_compress
+    >>> result = hf_compress.compress("sentence-transformers/all-MiniLM-L6-v2", preset="int8",
+    ...                               calibration_data=texts, output_dir="minilm-int8")
+    >>> print(result.report.to_text())
+    ```
+    """
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    sources = [name for name, given in (("configs", configs), ("recipe", recipe is not None),
+                                        ("preset", preset is not None), ("budget", budget is not None)) if given]  # fmt: skip
+    if len(sources) > 1:
+        raise ValueError(f"Give only one of configs, recipe, preset or budget; got {' and '.join(sources)}.")
+    if not sources:
+        preset = DEFAULT_PRESET
+    if preset is not None:
+        configs, preset_distill = preset_configs(preset)
+        distill = preset_distill if distill is None else distill
+    elif recipe is not None:
+        configs = tuple(_recipe_configs(recipe))
+    for config in configs:
+        if not isinstance(config, TechniqueConfig):
+            raise TypeError(f"Expected technique configs such as HeadPruningConfig(...), got {type(config).__name__}.")
+
+    stages = ["load", "compress", *(["measure"] if measure else []), *(["save"] if output_dir or push_to_hub else []),
+              *(["push"] if push_to_hub else [])]  # fmt: skip
+    bar = _StageBar(stages, enabled=progress)
+    bar.next("load")
+    model, tokenizer, base_name = load_model(model_or_id, auto_class=auto_class, tokenizer=tokenizer)
+    seconds["load"] = time.perf_counter() - start
+    original = copy.deepcopy(model) if (measure or distill or budget is not None) else None
+    eval_texts = _texts(eval_data if eval_data is not None else calibration_data, max_eval_texts)
+    choice = None
+
+    t = time.perf_counter()
+    bar.next("compress (budget search)" if budget is not None else "compress")
+    if budget is not None:
+        from .budget import search_budget
+
+        configs, choice = search_budget(model, budget, calibration_data=calibration_data, eval_texts=eval_texts,
+                                        tokenizer=tokenizer, original=original)  # fmt: skip
+        _apply(model, list(configs), calibration_data, original, False, tokenizer)
+    else:
+        _apply(model, list(configs), calibration_data, original, distill, tokenizer)
+    seconds["compress"] = time.perf_counter() - t
+
+    report = None
+    if measure:
+        t = time.perf_counter()
+        bar.next("measure")
+        report = measure_report(original, model, tokenizer, base_name, eval_texts, task_data, metric)
+        report.choice = choice
+        seconds["measure"] = time.perf_counter() - t
+    del original
+
+    result = CompressionResult(model=model, report=report, tokenizer=tokenizer, configs=list(configs))
+    if output_dir is None and push_to_hub:
+        import tempfile
+
+        output_dir = Path(tempfile.mkdtemp(prefix="hf_compress-")) / push_to_hub.split("/")[-1]
+    if output_dir is not None:
+        t = time.perf_counter()
+        bar.next("save")
+        result.output_dir = save_result(result, output_dir, base_name, repo_id=push_to_hub, card=card,
+                                        reproduce_command=reproduce_command)  # fmt: skip
+        seconds["save"] = time.perf_counter() - t
+    if push_to_hub:
+        from .hub import push_to_hub as push
+
+        t = time.perf_counter()
+        bar.next("push")
+        result.push = push(result.output_dir, push_to_hub, private=private, token=token)
+        seconds["push"] = time.perf_counter() - t
+    bar.close()
+    if report is not None:
+        report.seconds = {k: round(v, 2) for k, v in {**seconds, "total": time.perf_counter() - start}.items()}
+    return result
+
+
+def remember_tokenizer(model, tokenizer) -> None:
+    """Let the techniques' calibration find the tokenizer (`hf_compress.calibration.resolve_tokenizer` reads
+    ``model.hf_compress_tokenizer`` as a path or Hub id) when the model was passed as an object."""
+    source = getattr(tokenizer, "name_or_path", None)
+    if source and getattr(model, "hf_compress_tokenizer", None) is None:
+        model.hf_compress_tokenizer = source
+
+
+class _StageBar:
+    """One progress bar over the stages of `compress` (techniques show their own bars for long inner loops)."""
+
+    def __init__(self, stages: list[str], enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=len(stages), desc="hf-compress", unit="stage", leave=False)
+        self.started = False
+
+    def next(self, stage: str) -> None:
+        if self.bar is None:
+            return
+        if self.started:
+            self.bar.update(1)
+        self.started = True
+        self.bar.set_description(f"hf-compress: {stage}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.bar.total - self.bar.n)
+            self.bar.close()
+
+
+def _apply(model, configs, calibration_data, original, distill, tokenizer) -> None:
+    """Structure first, then recovery distillation, then quantization (the canonical order)."""
+    remember_tokenizer(model, tokenizer)
+    structural = [c for c in configs if get_technique(c.method).stage != "quantize"]
+    quantize = [c for c in configs if get_technique(c.method).stage == "quantize"]
+    if structural:
+        apply_compression(model, *structural, calibration_data=calibration_data)
+    if distill:
+        if not structural:
+            logger.warning("Recovery distillation skipped: no pruning or factorization ran, nothing to recover.")
+        else:
+            from .recovery import recover  # heavy (Trainer): imported only when asked for
+
+            kwargs = distill if isinstance(distill, dict) else {}
+            recover(model, original, calibration_data, tokenizer=tokenizer, **kwargs)
+    if quantize:
+        apply_compression(model, *quantize, calibration_data=calibration_data)
+
+
+def measure_report(original, model, tokenizer, base_name, eval_texts, task_data=None, metric="accuracy"):
+    """Build the `CompressionReport` of `model` against `original` (sizes, latency, fidelity, task metric)."""
+    from .quantizer import get_recipe
+
+    recipe = get_recipe(model)
+    report = CompressionReport(
+        base_model=base_name,
+        recipe=recipe.to_dict() if recipe else {},
+        before=size_breakdown(original),
+        after=size_breakdown(model),
+    )
+    batch = _latency_batch(model, tokenizer, eval_texts)
+    if batch is not None:
+        report.latency = latency_ratio(original, model, batch, rounds=3)
+    if eval_texts and tokenizer is not None:
+        from .calibration import calibration_batches
+
+        batches = list(calibration_batches(model, eval_texts, tokenizer=tokenizer, batch_size=32))
+        report.fidelity = embedding_fidelity(original, model, batches)
+    if task_data is not None and tokenizer is not None:
+        report.task = task_metrics({"before": original, "after": model}, task_data, metric, tokenizer)
+    return report
+
+
+def _latency_batch(model, tokenizer, texts, batch_size: int = 32, length: int = 128):
+    """32 x 128 tokens (real text repeated when given, random ids otherwise), as the benchmarks use."""
+    config = model.config.get_text_config()
+    if tokenizer is not None and texts:
+        chosen = (texts * (batch_size // len(texts) + 1))[:batch_size]
+        return dict(tokenizer(chosen, padding="max_length", truncation=True, max_length=length, return_tensors="pt"))
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is None:
+        return None
+    length = min(length, getattr(config, "max_position_embeddings", length) or length)
+    ids = torch.randint(0, vocab, (batch_size, length), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _texts(data: Any, limit: int) -> list[str] | None:
+    if data is None:
+        return None
+    if isinstance(data, (list, tuple)) and all(isinstance(t, str) for t in data):
+        return list(data)[:limit]
+    if getattr(data, "column_names", None) and "text" in data.column_names:
+        return list(data["text"][:limit])
+    return None
+
+
+def _recipe_configs(recipe: Any) -> list[TechniqueConfig]:
+    if isinstance(recipe, CompressionConfig):
+        return [TechniqueConfig.from_dict(t.to_dict()) for t in recipe.techniques]
+    if isinstance(recipe, (str, os.PathLike)):
+        path = Path(recipe)
+        if not path.is_file():
+            raise FileNotFoundError(f"Recipe file {path} not found; expected a JSON list of technique dicts.")
+        recipe = json.loads(path.read_text())
+        recipe = recipe.get("techniques", recipe) if isinstance(recipe, dict) else recipe
+    if not isinstance(recipe, list):
+        raise TypeError(
+            f"recipe must be a CompressionConfig, a list of technique dicts or a JSON path; got {recipe!r}."
+        )
+    return [r if isinstance(r, TechniqueConfig) else TechniqueConfig.from_dict(r) for r in recipe]
+
+
+def save_result(result: CompressionResult, output_dir, base_name: str, repo_id: str | None = None,
+                card: bool = True, reproduce_command: str | None = None) -> Path:  # fmt: skip
+    """Save model, tokenizer, report JSON, input recipe, model card and plots atomically into `output_dir`."""
+    from .hub import save_compressed
+
+    def extra_files(saved: Path) -> dict[str, bytes | str]:
+        extra: dict[str, bytes | str] = {
+            "hf_compress_recipe.json": json.dumps([c.to_dict() for c in result.configs], indent=2) + "\n",
+        }
+        report = result.report
+        if report is None:
+            return extra
+        report.checkpoint_bytes = sum(p.stat().st_size for p in saved.glob("*.safetensors"))
+        if card:
+            from .card import build_card_files
+
+            extra.update(build_card_files(report, repo_id=repo_id, reproduce_command=reproduce_command,
+                                          head_importance=_head_importance(result.model)))  # fmt: skip
+        extra["hf_compress_report.json"] = json.dumps(report.to_dict(), indent=2, default=str) + "\n"
+        return extra
+
+    return save_compressed(result.model, output_dir, tokenizer=result.tokenizer, extra_files=extra_files)
+
+
+def _head_importance(model) -> Any:
+    """The head-pruning config of the recipe (importance scores and pruned heads), if heads were pruned."""
+    from .quantizer import get_recipe
+
+    recipe = get_recipe(model)
+    found = recipe.find("head_pruning") if recipe is not None else []
+    return found[0] if found else None

@@ -1,0 +1,285 @@
+"""The evaluation report produced by every compression: sizes, latency, fidelity and task metrics, before and after.
+
+Each measurement compares the compressed model with the original on the same inputs in the same process:
+- sizes: parameters (as the uncompressed model would count them) and bytes held, split into embeddings,
+  attention, FFN and other, so a user sees *where* the savings come from;
+- latency: forward passes timed alternately (original, compressed, original, ...) on the current device and
+  summarised as the median of per-round ratios, which cancels most of the drift of a shared machine;
+- fidelity: cosine of mean-pooled last hidden states to the original's on the given texts, computed by the local
+  ``embedding_fidelity`` `evaluate` module;
+- task metrics: any `evaluate` metric (a local one shipped here, a path, or a Hub name when online) on a labeled
+  dataset: argmax of the logits for a model with a task head, a logistic-regression probe otherwise.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import get_adapter
+from .calibration import calibration_batches
+from .utils import count_parameters, model_bytes
+
+
+__all__ = ["CompressionReport", "size_breakdown", "latency_ratio", "embedding_fidelity", "task_metrics", "load_metric"]
+
+METRICS_DIR = Path(__file__).parent / "metrics"
+CATEGORIES = ("embeddings", "attention", "ffn", "other")
+
+
+@dataclass
+class CompressionReport:
+    """Everything measured about one compression; `to_markdown` renders the before/after table."""
+
+    base_model: str
+    recipe: dict[str, Any]
+    before: dict[str, Any]  # {"params", "bytes", "breakdown": {category: {"params", "bytes"}}}
+    after: dict[str, Any]
+    latency: dict[str, Any] | None = None  # {"ratio", "before_ms", "after_ms", "device", "batch"}
+    fidelity: dict[str, Any] | None = None  # {"cosine_mean", "cosine_p5", "cosine_min", "texts"}
+    task: dict[str, Any] | None = None  # {"metric", "before": {...}, "after": {...}, "mode", "examples"}
+    checkpoint_bytes: int | None = None
+    choice: dict[str, Any] | None = None  # budget mode: what was chosen and why
+    seconds: dict[str, float] = field(default_factory=dict)
+    card_info: dict[str, Any] = field(default_factory=dict)  # repo id and reproduce command the card was made with
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def size_ratio(self) -> float:
+        return self.after["bytes"] / self.before["bytes"]
+
+    def rows(self) -> list[tuple[str, str, str, str]]:
+        """(quantity, before, after, change) rows of the summary table."""
+        b, a = self.before, self.after
+        rows = [
+            ("parameters", f"{b['params'] / 1e6:.2f}M", f"{a['params'] / 1e6:.2f}M", _ratio(a["params"], b["params"])),
+            ("size (MB)", _mb(b["bytes"]), _mb(a["bytes"]), _ratio(a["bytes"], b["bytes"])),
+        ]
+        for cat in CATEGORIES:
+            bb, ab = b["breakdown"][cat]["bytes"], a["breakdown"][cat]["bytes"]
+            if bb or ab:
+                rows.append((f"  {cat} (MB)", _mb(bb), _mb(ab), _ratio(ab, bb)))
+        if self.checkpoint_bytes is not None:
+            rows.append(("checkpoint on disk (MB)", "", _mb(self.checkpoint_bytes), ""))
+        if self.latency:
+            lat = self.latency
+            rows.append((f"latency ({lat['device']}, ms)", f"{lat['before_ms']:.1f}", f"{lat['after_ms']:.1f}",
+                         f"{lat['ratio']:.2f}x"))  # fmt: skip
+        if self.fidelity:
+            fid = self.fidelity
+            rows.append((f"cosine to original ({fid['texts']} texts)", "1.0000", f"{fid['cosine_mean']:.4f}",
+                         f"p5 {fid['cosine_p5']:.4f}"))  # fmt: skip
+        if self.task:
+            for key, after in self.task["after"].items():
+                before = self.task["before"].get(key)
+                rows.append((f"{self.task['metric']}/{key}", _num(before), _num(after), _delta(after, before)))
+        return rows
+
+    def to_markdown(self) -> str:
+        lines = ["| | before | after | change |", "|---|---|---|---|"]
+        lines += [f"| {q.strip()} | {b} | {a} | {c} |" for q, b, a, c in self.rows()]
+        return "\n".join(lines)
+
+    def to_text(self) -> str:
+        """A fixed-width table for terminals."""
+        rows = [("", "before", "after", "change"), *self.rows()]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        out = [
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
+        ]
+        return "\n".join([out[0], "-" * len(out[0]), *out[1:]])
+
+
+def _mb(n: int | None) -> str:
+    return "" if n is None else f"{n / 1e6:.2f}"
+
+
+def _ratio(after: float, before: float) -> str:
+    return f"{after / before:.3f}x" if before else ""
+
+
+def _num(v: Any) -> str:
+    return "" if v is None else f"{v:.4f}"
+
+
+def _delta(after: float | None, before: float | None) -> str:
+    return "" if after is None or before is None else f"{after - before:+.4f}"
+
+
+# -- sizes ---------------------------------------------------------------------------------------------------------
+def size_breakdown(model: nn.Module) -> dict[str, Any]:
+    """Parameters and bytes of `model`, in total and split into embeddings / attention / FFN / other.
+
+    Categories come from the architecture adapter: the input embedding (and every `nn.Embedding`, e.g. position
+    and token-type tables) is "embeddings", the q/k/v/o projections "attention", the FFN projections "ffn"; whatever
+    replaced one of those modules (a quantized or low-rank layer) keeps its category. Shared tensors count once, in
+    the first category that holds them. Models without an adapter put everything but embeddings in "other".
+    """
+    prefixes: dict[str, list[str]] = {cat: [] for cat in CATEGORIES[:3]}
+    names = {id(m): n for n, m in model.named_modules()}
+    try:
+        adapter = get_adapter(model)
+    except ValueError:
+        adapter = None
+    if adapter is not None:
+        if adapter.embeddings is not None:
+            prefixes["embeddings"].append(names[id(adapter.input_embeddings(model))])
+        for index in range(len(adapter.layer_modules(model))):
+            base = adapter.layer_prefix(model, index)
+            prefixes["attention"] += [f"{base}.{p}" for p in adapter.attention_projections()]
+            prefixes["ffn"] += [f"{base}.{p}" for p in adapter.ffn_projections()]
+    prefixes["embeddings"] += [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+
+    seen: set[int] = set()
+    result = {cat: {"params": 0, "bytes": 0} for cat in CATEGORIES}
+    for name, module in model.named_modules():
+        category = next((c for c, ps in prefixes.items() if any(_under(name, p) for p in ps)), None)
+        if category is None:
+            continue
+        parent = name.rpartition(".")[0]
+        if any(_under(parent, p) for p in prefixes[category]) and parent:
+            continue  # counted with its top-level module of the same category
+        params, nbytes = _own_size(module, seen)
+        result[category]["params"] += params
+        result[category]["bytes"] += nbytes
+    total_params, total_bytes = count_parameters(model), model_bytes(model)
+    result["other"]["params"] = max(total_params - sum(r["params"] for r in result.values()), 0)
+    result["other"]["bytes"] = max(total_bytes - sum(r["bytes"] for r in result.values()), 0)
+    return {"params": total_params, "bytes": total_bytes, "breakdown": result}
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _own_size(module: nn.Module, seen: set[int]) -> tuple[int, int]:
+    """Parameters (logical) and bytes of a module and its children, skipping tensors already counted."""
+    tensors = [t for t in module.state_dict(keep_vars=True).values() if _key(t) not in seen]
+    seen.update(_key(t) for t in tensors)
+    return count_parameters(module), sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _key(tensor: torch.Tensor) -> int:
+    return tensor.data_ptr() if tensor.device.type != "meta" else id(tensor)
+
+
+# -- latency -------------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def latency_ratio(original: nn.Module, compressed: nn.Module, batch: dict[str, torch.Tensor], rounds: int = 5,
+                  warmup: int = 1) -> dict[str, Any]:  # fmt: skip
+    """Time forward passes of both models alternately on `batch`; the ratio is the median of per-round ratios."""
+    times: dict[str, list[float]] = {"before": [], "after": []}
+    models = {"before": original, "after": compressed}
+    device = next(compressed.parameters()).device
+    for round_index in range(warmup + rounds):
+        for key, model in models.items():
+            inputs = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+            _sync(device)
+            start = time.perf_counter()
+            model(**inputs)
+            _sync(device)
+            if round_index >= warmup:
+                times[key].append(time.perf_counter() - start)
+    ratios = [a / b for a, b in zip(times["after"], times["before"])]
+    shape = tuple(next(iter(batch.values())).shape)
+    return {
+        "ratio": statistics.median(ratios),
+        "before_ms": 1000 * statistics.median(times["before"]),
+        "after_ms": 1000 * statistics.median(times["after"]),
+        "device": device.type,
+        "threads": torch.get_num_threads(),
+        "batch": list(shape),
+        "rounds": rounds,
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- fidelity ------------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def sentence_embeddings(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Mean-pooled last hidden states (padding excluded), one row per text, in fp32 on the CPU."""
+    rows = []
+    for batch in batches:
+        inputs = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+        out = model(**inputs, output_hidden_states=True)
+        hidden = out.hidden_states[-1] if getattr(out, "hidden_states", None) else out.last_hidden_state
+        mask = inputs.get("attention_mask", torch.ones(hidden.shape[:2], device=hidden.device))
+        mask = mask.unsqueeze(-1).to(hidden.dtype)
+        rows.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).float().cpu())
+    return torch.cat(rows)
+
+
+def embedding_fidelity(original: nn.Module, compressed: nn.Module, batches: list[dict[str, torch.Tensor]],
+                       reference: torch.Tensor | None = None) -> dict[str, Any]:  # fmt: skip
+    """Cosine of the compressed model's sentence embeddings to the original's (mean, 5th percentile, minimum)."""
+    ref = sentence_embeddings(original, batches) if reference is None else reference
+    new = sentence_embeddings(compressed, batches)
+    scores = load_metric("embedding_fidelity").compute(predictions=new.tolist(), references=ref.tolist())
+    return {**scores, "texts": int(ref.shape[0])}
+
+
+# -- task metrics --------------------------------------------------------------------------------------------------
+def load_metric(name: str) -> Any:
+    """An `evaluate` metric: one shipped in ``hf_compress/metrics`` by name, a local path, or a Hub name."""
+    import evaluate
+
+    local = METRICS_DIR / name / f"{name}.py"
+    if local.is_file():
+        return evaluate.load(str(local))
+    return evaluate.load(name)
+
+
+def task_metrics(models: dict[str, nn.Module], dataset: Any, metric: str, tokenizer: Any, *, text_column: str = "text",
+                 label_column: str = "label", batch_size: int = 32) -> dict[str, Any]:  # fmt: skip
+    """Score each model of `models` on a labeled `dataset` with the `evaluate` metric `metric`.
+
+    A model with a classification head predicts the argmax of its logits. A model without one (a sentence encoder)
+    is scored with a logistic-regression probe on its sentence embeddings: fitted on the even rows, scored on the
+    odd rows, the same split for every model, so the numbers compare representations.
+    """
+    rows = list(dataset) if not isinstance(dataset, list) else dataset
+    if not rows or text_column not in rows[0] or label_column not in rows[0]:
+        raise ValueError(
+            f"The labeled dataset needs {text_column!r} and {label_column!r} columns; got "
+            f"{sorted(rows[0]) if rows else 'no rows'}. Pass text_column=/label_column= to name yours."
+        )
+    texts, labels = [r[text_column] for r in rows], [int(r[label_column]) for r in rows]
+    scorer = load_metric(metric)
+    results, mode = {}, "logits"
+    for key, model in models.items():
+        batches = list(calibration_batches(model, texts, tokenizer=tokenizer, batch_size=batch_size))
+        if _has_logits(model, batches[0]):
+            preds = _argmax_logits(model, batches)
+            results[key] = scorer.compute(predictions=preds, references=labels)
+        else:
+            mode = "probe"
+            from sklearn.linear_model import LogisticRegression
+
+            emb = sentence_embeddings(model, batches).numpy()
+            probe = LogisticRegression(max_iter=2000).fit(emb[0::2], labels[0::2])
+            results[key] = scorer.compute(predictions=probe.predict(emb[1::2]).tolist(), references=labels[1::2])
+    return {"metric": metric, "mode": mode, "examples": len(rows), **results}
+
+
+@torch.inference_mode()
+def _has_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> bool:
+    out = model(**{k: v[:1] for k, v in batch.items()})
+    logits = getattr(out, "logits", None)
+    return logits is not None and logits.dim() == 2
+
+
+@torch.inference_mode()
+def _argmax_logits(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> list[int]:
+    return [int(i) for b in batches for i in model(**b).logits.argmax(-1).tolist()]
