@@ -233,6 +233,8 @@ class DistillationTrainer(Trainer):
             if params:
                 lr = self.args.projection_lr or self.args.learning_rate
                 optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
+                # The Trainer zeroes only the student's gradients (model.zero_grad()); clear ours after each step.
+                optimizer.register_step_post_hook(lambda *_: self.projections.zero_grad(set_to_none=True))
         return optimizer
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
