@@ -51,6 +51,16 @@ class HfCompressQuantizer(HfQuantizer):
             sub.__dict__.pop("attn_implementation", None)
         return config
 
+    def update_dtype(self, dtype):
+        # A quantized checkpoint is rebuilt in the dtype it was saved in (its scales and leftover float weights are
+        # stored in the technique's compute dtype); the default float32 would double the leftovers and slow them.
+        if self.pre_quantized:
+            for technique_config in self.quantization_config.techniques:
+                model_dtype = getattr(technique_config, "model_dtype", None)
+                if model_dtype is not None:
+                    return model_dtype
+        return dtype
+
     # -- on the empty skeleton ---------------------------------------------------------------------------------------
     def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
         if self.pre_quantized:

@@ -1,0 +1,178 @@
+"""Calibration-free choice of scales and zero offsets: round-to-nearest, HQQ-style and least-squares.
+
+Every function takes a float weight ``[rows, in]`` and returns centred integers ``q`` (int8), ``scale`` and ``zero``
+(``None`` when symmetric) with ``w ~ q * scale + zero`` per group of `group_size` columns. Scales and offsets are
+rounded to the storage dtype *before* the final rounding of ``q``, so the integers are the best ones for the scales
+that are actually stored.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .packing import qrange
+
+
+__all__ = ["QuantizedWeight", "quantize_weight", "check_weight"]
+
+_CHUNK_ROWS = 1024
+
+
+class QuantizedWeight(NamedTuple):
+    q: torch.Tensor  # int8 [rows, in], centred
+    scale: torch.Tensor  # [rows, in / group_size]
+    zero: torch.Tensor | None  # same shape, None when symmetric
+
+
+def check_weight(weight: torch.Tensor, name: str) -> None:
+    """Reject NaN/inf weights with an error that names the module (quantizing them would spread garbage silently)."""
+    if not torch.isfinite(weight).all():
+        bad = (~torch.isfinite(weight)).sum().item()
+        raise ValueError(
+            f"{name!r} has {bad} NaN/inf weight values; they cannot be quantized. Fix the checkpoint (or exclude the "
+            f"module with exclude_modules=[{name!r}])."
+        )
+
+
+@torch.no_grad()
+def quantize_weight(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    algorithm: str = "mse",
+    dtype: torch.dtype = torch.bfloat16,
+    name: str = "weight",
+) -> QuantizedWeight:
+    """Quantize `weight` group-wise with the chosen calibration-free `algorithm` (``"rtn"``, ``"hqq"``, ``"mse"``).
+
+    All-zero groups get a zero weight back exactly (scale 1, offset 0).
+    """
+    check_weight(weight, name)
+    rows, cols = weight.shape
+    if rows > _CHUNK_ROWS:
+        # Row blocks are independent; small blocks stay in cache and bound the temporaries of large matrices.
+        parts = [
+            quantize_weight(weight[i : i + _CHUNK_ROWS], bits, group_size, symmetric, algorithm, dtype, name)
+            for i in range(0, rows, _CHUNK_ROWS)
+        ]
+        zero = None if symmetric else torch.cat([p.zero for p in parts])
+        return QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), zero)
+    w = weight.detach().float().reshape(rows, cols // group_size, group_size)
+    if algorithm == "rtn":
+        scale, zero = _minmax(w, bits, symmetric)
+    elif algorithm == "hqq":
+        scale, zero = _hqq(w, bits, symmetric)
+    elif algorithm in ("mse", "gptq"):  # GPTQ starts from the least-squares grid
+        scale, zero = _least_squares(w, bits, symmetric)
+    else:
+        raise ValueError(f"Unknown algorithm {algorithm!r}; use 'rtn', 'hqq', 'mse' or 'gptq'.")
+    scale, zero = _storable(scale, zero, dtype)
+    q = _round(w, scale.float(), None if zero is None else zero.float(), bits)
+    return QuantizedWeight(q.reshape(rows, cols), scale.squeeze(-1), None if zero is None else zero.squeeze(-1))
+
+
+def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    lo, hi = qrange(bits)
+    shifted = w if zero is None else w - zero
+    return torch.clamp(torch.round(shifted / scale), lo, hi).to(torch.int8)
+
+
+def _storable(scale: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype):
+    """Round to the storage dtype; a zero or subnormal scale (all-zero group) becomes 1 so nothing divides by 0."""
+    tiny = torch.finfo(dtype).tiny
+    scale = torch.where(scale.abs() > tiny * 16, scale, torch.ones_like(scale)).to(dtype)
+    return scale, None if zero is None else zero.to(dtype)
+
+
+def _minmax(w: torch.Tensor, bits: int, symmetric: bool, ratio: torch.Tensor | float = 1.0):
+    """Round-to-nearest grid over the (optionally shrunk by `ratio`) range of each group."""
+    lo, hi = qrange(bits)
+    if symmetric:
+        amax = w.abs().amax(-1, keepdim=True) * ratio
+        return amax / hi, None
+    wmin = w.amin(-1, keepdim=True).clamp(max=0) * ratio
+    wmax = w.amax(-1, keepdim=True).clamp(min=0) * ratio
+    scale = (wmax - wmin) / (hi - lo)
+    return scale, wmin - lo * scale
+
+
+def _error(w, scale, zero, bits, p: float = 2.0):
+    lo, hi = qrange(bits)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = (w / safe if zero is None else (w - zero).div_(safe)).round_().clamp_(lo, hi)
+    rec = q * safe if zero is None else torch.addcmul(zero, q, safe)
+    diff = rec.sub_(w).abs_()
+    err = diff.square_() if p == 2.0 else diff.pow_(p)
+    return err.sum(-1, keepdim=True), q
+
+
+def _least_squares(w: torch.Tensor, bits: int, symmetric: bool, grid: int = 10, iters: int = 4):
+    """Clip search, then alternate: integers for fixed (scale, zero) / least-squares (scale, zero) for fixed integers.
+
+    Both steps never increase the squared error of a group (the rounding step is exact for a fixed grid; the fit is
+    the optimum of a linear regression of the weights on the integers), so this converges to a local minimum of the
+    reconstruction error, well below plain min/max rounding for 4 bits.
+    """
+    best_scale, best_zero = _minmax(w, bits, symmetric)
+    best_err, _ = _error(w, best_scale, best_zero, bits)
+    for ratio in torch.linspace(0.95, 0.55, grid - 1).tolist():
+        scale, zero = _minmax(w, bits, symmetric, ratio)
+        err, _ = _error(w, scale, zero, bits)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        if zero is not None:
+            best_zero = torch.where(better, zero, best_zero)
+    scale, zero = best_scale, best_zero
+    for _ in range(iters):
+        _, q = _error(w, scale, zero, bits)
+        if symmetric:
+            qq = (q * q).sum(-1, keepdim=True)
+            new_scale = (q * w).sum(-1, keepdim=True) / qq.clamp(min=1)
+            new_zero = None
+            ok = qq > 0
+        else:
+            qm, wm = q.mean(-1, keepdim=True), w.mean(-1, keepdim=True)
+            var = ((q - qm) ** 2).sum(-1, keepdim=True)
+            new_scale = ((q - qm) * (w - wm)).sum(-1, keepdim=True) / var.clamp(min=1e-12)
+            ok = (var > 0) & (new_scale > 0)
+            new_scale = torch.where(ok, new_scale, scale)
+            new_zero = torch.where(ok, wm - new_scale * qm, zero)
+        new_scale = torch.where(ok, new_scale, scale)
+        err, _ = _error(w, new_scale, new_zero, bits)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        scale = torch.where(better, new_scale, scale)
+        if zero is not None:
+            zero = torch.where(better, new_zero, zero)
+    return scale, zero
+
+
+def _hqq(w: torch.Tensor, bits: int, symmetric: bool, iters: int = 20, p: float = 0.7, beta: float = 10.0):
+    """Half-quadratic optimisation of the zero offset (Badri & Shaji, 2023) for a fixed min/max scale.
+
+    The error is measured with an l_p norm (p < 1), which tolerates a few large outliers in exchange for many small
+    errors; the split variable gets a closed-form generalised soft-threshold and the offset a closed-form mean.
+    Symmetric grids have no offset to optimise, so they fall back to the least-squares search.
+    """
+    if symmetric:
+        return _least_squares(w, bits, symmetric)
+    scale, zero = _minmax(w, bits, symmetric)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    best_err, _ = _error(w, scale, zero, bits, p)
+    best_zero = zero
+    for _ in range(iters):
+        q = _round(w, scale, zero, bits).float()
+        residual = w - (q * scale + zero)
+        magnitude = residual.abs().clamp(min=1e-12)
+        split = torch.sign(residual) * torch.relu(magnitude - magnitude.pow(p - 1) / beta)
+        zero = (w - split - q * scale).mean(-1, keepdim=True)
+        beta *= 1.01
+        err, _ = _error(w, scale, zero, bits, p)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_zero = torch.where(better, zero, best_zero)
+    return scale, best_zero

@@ -1,0 +1,214 @@
+"""`WeightQuantizationConfig`: what to quantize, to how many bits, and how the scales are chosen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..config import TechniqueConfig
+
+
+__all__ = ["WeightQuantizationConfig", "ALGORITHMS", "ModuleSpec"]
+
+ALGORITHMS = ("rtn", "hqq", "mse", "gptq")
+_ACTIVATIONS = (None, "int8_dynamic")
+_DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """The resolved quantization of one module: ``kind`` is ``"linear"``, ``"conv1d"`` or ``"embedding"``."""
+
+    kind: str
+    bits: int
+    group_size: int
+    symmetric: bool
+
+    def to_list(self) -> list:
+        return [self.kind, self.bits, self.group_size, self.symmetric]
+
+    @classmethod
+    def from_value(cls, value: Any) -> ModuleSpec:
+        if isinstance(value, ModuleSpec):
+            return value
+        if isinstance(value, dict):
+            return cls(**value)
+        kind, bits, group_size, symmetric = value
+        return cls(str(kind), int(bits), int(group_size), bool(symmetric))
+
+
+@dataclass
+class WeightQuantizationConfig(TechniqueConfig):
+    """Weight-only quantization to packed int8 or int4 (two values per byte), embeddings included.
+
+    Each output row is split into groups of `group_size` input features; every group has its own scale (and, when
+    not symmetric, its own zero offset), stored in `compute_dtype`. Scales are chosen by an error-minimising
+    algorithm instead of plain round-to-nearest.
+
+    Args:
+        bits (`int`, *optional*, defaults to `8`):
+            4 or 8.
+        group_size (`int`, *optional*):
+            Input features sharing one scale. Defaults to the whole row for 8 bits (one scale per output channel,
+            what the int8 kernels want) and to 32 for 4 bits. Must divide the input features of every quantized
+            module (the embedding dimension for embeddings).
+        symmetric (`bool`, *optional*):
+            Scale only (``True``) or scale plus zero offset (``False``). Defaults to ``True`` for 8 bits and
+            ``False`` for 4 bits, the most accurate choice measured for each.
+        algorithm (`str`, *optional*, defaults to `"mse"`):
+            How scales are chosen: ``"rtn"`` (min/max round-to-nearest), ``"hqq"`` (calibration-free half-quadratic
+            optimisation of the zero offset under a sparsity-promoting error), ``"mse"`` (calibration-free: per-group
+            clipping search, then alternating least squares on scale and offset) or ``"gptq"`` (needs calibration
+            data; compensates each column's rounding error on the columns not yet quantized).
+        target_modules (`list[str] | str`, *optional*):
+            Modules to quantize, in PEFT's vocabulary (suffixes or a full-match regex). Default: every linear layer
+            (and GPT-2 `Conv1D`), plus embeddings when `quantize_embeddings`.
+        exclude_modules (`list[str] | str`, *optional*):
+            Modules to leave in floating point.
+        quantize_embeddings (`bool`, *optional*, defaults to `True`):
+            Quantize `nn.Embedding` modules too (half of MiniLM's parameters). Input embeddings tied to an output
+            head are left in floating point.
+        overrides (`dict[str, dict]`, *optional*):
+            Mixed precision: ``{pattern: {"bits": 8}}``, where a pattern is a module-name suffix or a full-match
+            regex and the dict may set ``bits``, ``group_size`` and ``symmetric``. The first matching pattern wins.
+        activations (`str`, *optional*):
+            ``"int8_dynamic"`` quantizes the activations of 8-bit symmetric linear layers per token at run time and
+            multiplies in int8 (`torch._int_mm`): fastest on CPU, slightly less accurate.
+        compute_dtype (`str`, *optional*, defaults to `"bfloat16"`):
+            Dtype of the scales, of the matmuls, and of every remaining floating-point weight of the model.
+        damp (`float`, *optional*, defaults to `0.01`):
+            GPTQ only: diagonal damping, as a fraction of the mean Hessian diagonal.
+        calibration_samples (`int`, *optional*, defaults to `128`):
+            GPTQ only: texts used from the calibration data.
+        modules (`dict`, *optional*):
+            Filled in by hf_compress: the exact modules quantized and how (names relative to ``model.base_model``;
+            heads outside it are prefixed with ``"head:"``). Leave it unset.
+
+    Example:
+
+    ```py
+    >>> from hf_compress import apply_compression
+    >>> from hf_compress.quantization import WeightQuantizationConfig
+    >>> apply_compression(model, WeightQuantizationConfig(bits=4, group_size=32))
+    >>> model.save_pretrained("minilm-int4")
+    ```
+    """
+
+    method: ClassVar[str] = "weight_quantization"
+    version: ClassVar[int] = 1
+
+    bits: int = field(default=8, metadata={"help": "Bits per weight: 8 or 4."})
+    group_size: int | None = field(
+        default=None, metadata={"help": "Input features per scale (default: whole row for 8 bits, 32 for 4 bits)."}
+    )
+    symmetric: bool | None = field(
+        default=None,
+        metadata={"help": "Scale only (True) or scale and zero offset (default: 8-bit True, 4-bit False)."},
+    )
+    algorithm: str = field(default="mse", metadata={"help": f"How scales are chosen: one of {ALGORITHMS}."})
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Module-name suffixes or a full-match regex (default: all linear layers)."}
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Module-name suffixes or a full-match regex left in floating point."}
+    )
+    quantize_embeddings: bool = field(default=True, metadata={"help": "Quantize nn.Embedding modules too."})
+    overrides: dict[str, dict] | None = field(
+        default=None, metadata={"help": 'Mixed precision: {"pattern": {"bits": 8, "group_size": 64}}.'}
+    )
+    activations: str | None = field(
+        default=None, metadata={"help": "'int8_dynamic': per-token int8 activations with int8 matmuls (8-bit only)."}
+    )
+    compute_dtype: str = field(default="bfloat16", metadata={"help": f"Scale and compute dtype: one of {_DTYPES}."})
+    damp: float = field(default=0.01, metadata={"help": "GPTQ: Hessian damping (fraction of its mean diagonal)."})
+    calibration_samples: int = field(default=128, metadata={"help": "GPTQ: number of calibration texts used."})
+    modules: dict[str, list] | None = field(
+        default=None, metadata={"help": "Resolved by hf_compress: the modules quantized and how. Leave unset."}
+    )
+
+    def __post_init__(self) -> None:
+        self.bits = _check_bits(self.bits, "bits")
+        if self.group_size is not None:
+            _check_group_size(self.group_size, "group_size")
+        if self.symmetric is not None and not isinstance(self.symmetric, bool):
+            raise TypeError(f"symmetric must be True, False or None, got {self.symmetric!r}.")
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}.")
+        if self.activations not in _ACTIVATIONS:
+            raise ValueError(f"activations must be None or 'int8_dynamic', got {self.activations!r}.")
+        if self.activations == "int8_dynamic" and (self.bits != 8 or self.symmetric is False):
+            raise ValueError(
+                "activations='int8_dynamic' multiplies int8 by int8, so it needs bits=8 with symmetric scales; "
+                f"got bits={self.bits}, symmetric={self.symmetric}."
+            )
+        if self.compute_dtype not in _DTYPES:
+            raise ValueError(f"compute_dtype must be one of {_DTYPES}, got {self.compute_dtype!r}.")
+        if not 0 < self.damp < 1:
+            raise ValueError(f"damp must be in (0, 1), got {self.damp}.")
+        if self.calibration_samples < 1:
+            raise ValueError(f"calibration_samples must be >= 1, got {self.calibration_samples}.")
+        if self.overrides is not None:
+            if not isinstance(self.overrides, dict):
+                raise TypeError(f"overrides must be a dict of pattern -> dict, got {type(self.overrides).__name__}.")
+            for pattern, override in self.overrides.items():
+                unknown = set(override) - {"bits", "group_size", "symmetric"}
+                if unknown:
+                    raise ValueError(
+                        f"overrides[{pattern!r}] has unknown keys {sorted(unknown)}; allowed: bits, group_size, "
+                        "symmetric."
+                    )
+                if "bits" in override:
+                    _check_bits(override["bits"], f"overrides[{pattern!r}]['bits']")
+                if override.get("group_size") is not None:
+                    _check_group_size(override["group_size"], f"overrides[{pattern!r}]['group_size']")
+        if self.modules is not None:
+            self.modules = {name: ModuleSpec.from_value(v).to_list() for name, v in self.modules.items()}
+
+    @property
+    def torch_compute_dtype(self) -> torch.dtype:
+        return getattr(torch, self.compute_dtype)
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        """The dtype the whole model is loaded in (read by the quantizer plugin)."""
+        return self.torch_compute_dtype
+
+    def spec_for(self, name: str, kind: str, in_features: int) -> ModuleSpec:
+        """The bits, group size and symmetry for module `name` (overrides applied), checked against its shape."""
+        from ..utils import matches
+
+        bits, group_size, symmetric = self.bits, self.group_size, self.symmetric
+        for pattern, override in (self.overrides or {}).items():
+            if matches(name, [pattern]) or matches(name, pattern):
+                bits = override.get("bits", bits)
+                group_size = override.get("group_size", group_size)
+                symmetric = override.get("symmetric", symmetric)
+                break
+        if group_size is None:
+            group_size = in_features if bits == 8 else min(32, in_features)
+        if symmetric is None:
+            symmetric = bits == 8
+        if in_features % group_size:
+            divisors = [g for g in (16, 32, 64, 128, 256) if in_features % g == 0]
+            raise ValueError(
+                f"group_size={group_size} does not divide the {in_features} input features of {name!r}. Use a "
+                f"divisor such as {divisors or [in_features]}, or exclude the module (exclude_modules=[{name!r}])."
+            )
+        if bits == 4 and group_size % 2:
+            raise ValueError(
+                f"4-bit packing stores two values per byte, so group_size must be even; got {group_size}."
+            )
+        return ModuleSpec(kind, bits, group_size, symmetric)
+
+
+def _check_bits(bits: Any, what: str) -> int:
+    if isinstance(bits, bool) or bits not in (4, 8):
+        raise ValueError(f"{what} must be 4 or 8, got {bits!r}. Use bits=8 (near lossless) or bits=4 (smallest).")
+    return int(bits)
+
+
+def _check_group_size(group_size: Any, what: str) -> None:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+        raise ValueError(f"{what} must be an integer >= 2 (e.g. 32, 64, 128), got {group_size!r}.")

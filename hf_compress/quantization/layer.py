@@ -1,0 +1,258 @@
+"""`QuantLinear` and `QuantEmbedding`: modules that really hold packed int8 / int4 weights.
+
+Both own their tensors under names a plain model has no slot for (``weight_packed``, ``weight_scale``,
+``weight_zero``), so a checkpoint can never be loaded into float layers by mistake, and transformers loads the
+tensors straight into these modules without any key conversion.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .algorithms import QuantizedWeight
+from .kernels import dequantized_weight, quantized_matmul
+from .packing import aligned, dequantize_groups, pack, unpack
+
+
+__all__ = ["QuantLinear", "QuantEmbedding"]
+
+
+class _QuantizedBuffers(nn.Module):
+    """Shared storage logic: allocate, fill, re-align and count the packed tensors."""
+
+    bits: int
+    group_size: int
+    in_features: int
+
+    def _allocate(self, rows: int, cols: int, symmetric: bool, dtype: torch.dtype, device=None) -> None:
+        packed_shape = (rows, cols) if self.bits == 8 else (rows, cols // 2)
+        packed_dtype = torch.int8 if self.bits == 8 else torch.uint8
+        self.register_buffer("weight_packed", torch.zeros(packed_shape, dtype=packed_dtype, device=device))
+        groups = cols // self.group_size
+        self.register_buffer("weight_scale", torch.ones(rows, groups, dtype=dtype, device=device))
+        zero = None if symmetric else torch.zeros(rows, groups, dtype=dtype, device=device)
+        self.register_buffer("weight_zero", zero)
+        self._kernel_cache: dict = {}
+        self._unsupported: set = set()
+
+    @property
+    def symmetric(self) -> bool:
+        return self.weight_zero is None
+
+    @torch.no_grad()
+    def load_quantized(self, quantized: QuantizedWeight) -> None:
+        """Fill the buffers from `algorithms.quantize_weight` output (shapes are checked by `copy_`)."""
+        self.weight_packed = pack(quantized.q, self.bits).to(self.weight_packed.device)
+        self.weight_scale = quantized.scale.to(self.weight_scale.device, self.weight_scale.dtype)
+        if self.weight_zero is not None:
+            if quantized.zero is None:
+                raise ValueError("An asymmetric module needs zero offsets; got a symmetric quantization.")
+            self.weight_zero = quantized.zero.to(self.weight_zero.device, self.weight_zero.dtype)
+        self._kernel_cache.clear()
+
+    def realign_(self) -> None:
+        """Give each packed tensor its own aligned memory (after an mmap load) and drop kernel-layout caches."""
+        self.weight_packed = aligned(self.weight_packed)
+        self._kernel_cache.clear()
+        self._unsupported.clear()
+
+    def logical_numel(self) -> int:
+        """Weights represented (``out x in``) plus the bias: what the float module would count."""
+        rows = self.weight_scale.shape[0]
+        bias = getattr(self, "bias", None)
+        return rows * self.in_features + (bias.numel() if bias is not None else 0)
+
+    def _apply(self, fn, recurse=True):
+        # `.to(device)` / `.to(bfloat16)` must not invalidate kernel layouts silently: rebuild them lazily.
+        out = super()._apply(fn, recurse)
+        self._kernel_cache = {}
+        return out
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """``x @ W^T`` with a frozen packed weight; the backward pass returns the input gradient (for LoRA/QAT)."""
+
+    @staticmethod
+    def forward(ctx, x2: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return quantized_matmul(layer, x2)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        weight = dequantized_weight(ctx.layer, grad_out.dtype)
+        return grad_out @ weight, None
+
+
+class QuantLinear(_QuantizedBuffers):
+    """A linear layer whose weight is stored as packed int8 or int4 with group-wise scales.
+
+    The forward pass computes in the scales' dtype (bf16 by default) and returns the input's dtype. The weight is
+    frozen; gradients flow to the input and to the bias, so adapters (LoRA) can be trained on top of it.
+
+    Args:
+        in_features (`int`), out_features (`int`): the shape of the represented ``[out, in]`` weight.
+        bias (`bool`, *optional*, defaults to `True`): whether the layer has a (float) bias.
+        bits (`int`, *optional*, defaults to `8`): 8 or 4.
+        group_size (`int`, *optional*): input features per scale; the whole row when omitted.
+        symmetric (`bool`, *optional*, defaults to `True`): without zero offsets.
+        activations (`str`, *optional*): ``"int8_dynamic"`` for int8 x int8 matmuls with per-token scales.
+        dtype (`torch.dtype`, *optional*, defaults to `torch.bfloat16`): compute dtype (scales, bias).
+        device (`torch.device`, *optional*): where to allocate (``"meta"`` for a skeleton).
+
+    Example:
+
+    ```py
+    >>> layer = QuantLinear.from_float(nn.Linear(384, 1536), bits=4, group_size=32, symmetric=False)
+    >>> layer(torch.randn(2, 384, dtype=torch.bfloat16)).shape
+    torch.Size([2, 1536])
+    ```
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        bits: int = 8,
+        group_size: int | None = None,
+        symmetric: bool = True,
+        activations: str | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size or in_features
+        self.activations = activations
+        self._allocate(out_features, in_features, symmetric, dtype, device)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Module,
+        bits: int = 8,
+        group_size: int | None = None,
+        symmetric: bool = True,
+        algorithm: str = "mse",
+        activations: str | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        name: str = "linear",
+        quantized: QuantizedWeight | None = None,
+    ) -> QuantLinear:
+        """Quantize an `nn.Linear` (or a GPT-2 ``Conv1D``, whose weight is stored ``[in, out]``)."""
+        weight = module.weight.detach()
+        if type(module).__name__ == "Conv1D":
+            weight = weight.t()
+        out_features, in_features = weight.shape
+        layer = cls(
+            in_features,
+            out_features,
+            module.bias is not None,
+            bits,
+            group_size,
+            symmetric,
+            activations,
+            dtype,
+            device=weight.device,
+        )
+        if quantized is None:
+            from .algorithms import quantize_weight
+
+            quantized = quantize_weight(weight, bits, layer.group_size, symmetric, algorithm, dtype, name)
+        layer.load_quantized(quantized)
+        if module.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(module.bias.detach().to(dtype))
+        return layer
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float ``[out, in]`` weight this layer represents (in `dtype`, default the compute dtype)."""
+        return dequantized_weight(self, dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, for code that reads ``.weight`` (e.g. to find the dtype or shape). Not stored."""
+        return self.dequantize()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compute = self.weight_scale.dtype
+        x2 = x.reshape(-1, self.in_features).to(compute)
+        if torch.is_grad_enabled() and x2.requires_grad:
+            out = _QuantMatmul.apply(x2, self)
+        else:
+            out = quantized_matmul(self, x2)
+        if self.bias is not None:
+            out = out + self.bias.to(compute)
+        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        mode = "symmetric" if self.symmetric else "asymmetric"
+        act = f", activations={self.activations}" if self.activations else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"bits={self.bits}, group_size={self.group_size}, {mode}{act}"
+        )
+
+
+class QuantEmbedding(_QuantizedBuffers):
+    """An embedding table stored as packed int8 / int4 rows; only the looked-up rows are dequantized.
+
+    Args:
+        num_embeddings (`int`), embedding_dim (`int`): the table's shape.
+        bits, group_size, symmetric, dtype, device: as for `QuantLinear` (groups run along `embedding_dim`).
+        padding_idx (`int`, *optional*): kept for code that reads it; the row itself is quantized like the others.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        bits: int = 8,
+        group_size: int | None = None,
+        symmetric: bool = True,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+        padding_idx: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.in_features = num_embeddings, embedding_dim, embedding_dim
+        self.bits, self.group_size = bits, group_size or embedding_dim
+        self.padding_idx = padding_idx
+        self._allocate(num_embeddings, embedding_dim, symmetric, dtype, device)
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Embedding,
+        bits: int = 8,
+        group_size: int | None = None,
+        symmetric: bool = True,
+        algorithm: str = "mse",
+        dtype: torch.dtype = torch.bfloat16,
+        name: str = "embedding",
+    ) -> QuantEmbedding:
+        """Quantize an `nn.Embedding` row by row."""
+        from .algorithms import quantize_weight
+
+        layer = cls(*module.weight.shape, bits, group_size, symmetric, dtype, module.weight.device, module.padding_idx)
+        layer.load_quantized(quantize_weight(module.weight, bits, layer.group_size, symmetric, algorithm, dtype, name))
+        return layer
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float ``[num_embeddings, embedding_dim]`` table."""
+        return dequantize_groups(unpack(self.weight_packed, self.bits), self.weight_scale, self.weight_zero, dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized table (computed on access; not stored)."""
+        return self.dequantize()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        zero = None if self.weight_zero is None else self.weight_zero[ids]
+        return dequantize_groups(unpack(self.weight_packed[ids], self.bits), self.weight_scale[ids], zero)
+
+    def extra_repr(self) -> str:
+        mode = "symmetric" if self.symmetric else "asymmetric"
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}, {mode}"

@@ -1,0 +1,79 @@
+"""The portable on-disk layout of quantized weights, and the checks that guard it.
+
+A quantized ``[out, in]`` weight is stored as:
+
+- ``weight_packed``: 8 bits: ``int8 [out, in]``, the centred integers ``q``. 4 bits: ``uint8 [out, in / 2]``, two
+  values per byte, ``q + 8`` of the even column in the low nibble and of the odd column in the high nibble.
+- ``weight_scale``: ``[out, in / group_size]`` in the compute dtype.
+- ``weight_zero`` (asymmetric only): ``[out, in / group_size]``, an offset in weight units.
+
+and dequantizes as ``w = q * scale + zero`` per group. With the nibble offset of 8 this is exactly the
+``(u - 8) * scale + zero`` convention of torch's int4 CPU/CUDA kernels, so repacking for them is a pure layout change.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+__all__ = ["qrange", "pack_int4", "unpack_int4", "pack", "unpack", "dequantize_groups", "aligned"]
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    """The centred integer range of `bits`: (-128, 127) or (-8, 7)."""
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Centred int4 values ``[..., 2k]`` in [-8, 7] -> ``uint8 [..., k]`` (even column in the low nibble)."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"4-bit packing needs an even number of columns, got {q.shape[-1]}.")
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of `pack_int4`: ``uint8 [..., k]`` -> centred ``int8 [..., 2k]``."""
+    return unpack_int4_unsigned(packed).to(torch.int8) - 8
+
+
+def unpack_int4_unsigned(packed: torch.Tensor) -> torch.Tensor:
+    """``uint8 [..., k]`` -> the stored nibbles ``uint8 [..., 2k]`` in [0, 15] (no centring)."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Centred integers -> the stored ``weight_packed`` tensor."""
+    return q.to(torch.int8).contiguous() if bits == 8 else pack_int4(q)
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The stored ``weight_packed`` tensor -> centred ``int8`` integers."""
+    return packed if bits == 8 else unpack_int4(packed)
+
+
+def dequantize_groups(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``q * scale + zero`` per group, for integers ``[..., in]`` and scales ``[..., in / group_size]``."""
+    dtype = dtype or scale.dtype
+    groups = scale.shape[-1]
+    shape = q.shape
+    w = q.to(dtype).unflatten(-1, (groups, shape[-1] // groups))
+    w = (
+        w * scale.to(dtype).unsqueeze(-1)
+        if zero is None
+        else torch.addcmul(zero.to(dtype).unsqueeze(-1), w, scale.to(dtype).unsqueeze(-1))
+    )
+    return w.reshape(shape)
+
+
+def aligned(tensor: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """`tensor` itself if its data starts on an `alignment`-byte boundary, else an aligned copy.
+
+    Tensors loaded zero-copy from a safetensors mmap can start at any 8-byte offset, and
+    ``torch._weight_int8pack_mm`` reads out of bounds (a segfault) on a weight that is not 16-byte aligned.
+    """
+    if tensor.device.type == "meta" or tensor.data_ptr() % alignment == 0:
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)

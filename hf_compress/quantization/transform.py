@@ -1,0 +1,248 @@
+"""Apply weight quantization to a model, rebuild it on a skeleton, and quantize while loading.
+
+`apply` quantizes a model that holds real weights and returns the resolved config (the exact modules and settings);
+`restructure` rebuilds the same module types on the empty meta skeleton inside `from_pretrained`; `after_load`
+re-aligns packed tensors read zero-copy from a safetensors mmap. `quantize_on_load` returns the handler that the
+`HfCompressQuantizer` plugin drives for ``from_pretrained(fp_checkpoint, quantization_config=...)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..utils import replace_module, select_modules
+from .algorithms import quantize_weight
+from .config import ModuleSpec, WeightQuantizationConfig
+from .layer import QuantEmbedding, QuantLinear
+
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+
+__all__ = ["apply", "restructure", "after_load", "quantize_on_load", "plan"]
+
+_HEAD = "head:"
+
+
+def _conv1d_type() -> type:
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return "conv1d" if isinstance(module, _conv1d_type()) else "linear"
+
+
+def _base_prefix(model: nn.Module) -> str:
+    base = getattr(model, "base_model", model)
+    return next((name for name, module in model.named_modules() if module is base), "")
+
+
+def stored_name(model: nn.Module, full_name: str) -> str:
+    """Name kept in the recipe: relative to ``model.base_model`` (so any head class reloads it), else ``head:``."""
+    prefix = _base_prefix(model)
+    if not prefix:
+        return full_name
+    if full_name.startswith(prefix + "."):
+        return full_name[len(prefix) + 1 :]
+    return _HEAD + full_name
+
+
+def resolve_name(model: nn.Module, name: str) -> str | None:
+    """Full module name in `model` for a recipe name, or ``None`` when this model class lacks it (another head)."""
+    if name.startswith(_HEAD):
+        full = name[len(_HEAD) :]
+    else:
+        prefix = _base_prefix(model)
+        full = f"{prefix}.{name}" if prefix else name
+    try:
+        model.get_submodule(full)
+    except AttributeError:
+        return None
+    return full
+
+
+def _tied_skip(model: nn.Module) -> set[int]:
+    """Ids of input embeddings (and the heads) that share a weight: quantizing one would untie or break them."""
+    skip: set[int] = set()
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    emb = get_in() if get_in else None
+    head = get_out() if get_out else None
+    if emb is not None and head is not None and getattr(head, "weight", None) is getattr(emb, "weight", None):
+        skip.update({id(emb), id(head)})
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if tied and emb is not None and head is not None:  # on a meta skeleton tying happens after loading
+        skip.update({id(emb), id(head)})
+    return skip
+
+
+def plan(model: nn.Module, config: WeightQuantizationConfig) -> dict[str, ModuleSpec]:
+    """Full module name -> `ModuleSpec` for every module `config` selects in `model` (checked shapes)."""
+    if config.modules is not None:
+        resolved = {resolve_name(model, name): ModuleSpec.from_value(spec) for name, spec in config.modules.items()}
+        return {name: spec for name, spec in resolved.items() if name is not None}
+    types: tuple[type, ...] = (nn.Linear, _conv1d_type())
+    if config.quantize_embeddings:
+        types += (nn.Embedding,)
+    skip = _tied_skip(model)
+    chosen = {}
+    for name, module in select_modules(model, types, config.target_modules, config.exclude_modules):
+        if id(module) in skip or isinstance(module, (QuantLinear, QuantEmbedding)):
+            continue
+        kind = _kind(module)
+        in_features = module.weight.shape[0] if kind == "conv1d" else module.weight.shape[1]
+        chosen[name] = config.spec_for(name, kind, in_features)
+    if not chosen:
+        raise ValueError(
+            f"No module of {type(model).__name__} was selected for quantization (target_modules="
+            f"{config.target_modules!r}, exclude_modules={config.exclude_modules!r}). It must contain nn.Linear, "
+            "Conv1D or nn.Embedding modules."
+        )
+    return chosen
+
+
+def _new_module(module: nn.Module, spec: ModuleSpec, config: WeightQuantizationConfig, device) -> nn.Module:
+    dtype = config.torch_compute_dtype
+    if spec.kind == "embedding":
+        return QuantEmbedding(
+            module.num_embeddings,
+            module.embedding_dim,
+            spec.bits,
+            spec.group_size,
+            spec.symmetric,
+            dtype,
+            device,
+            module.padding_idx,
+        )
+    rows, cols = module.weight.shape
+    in_features, out_features = (rows, cols) if spec.kind == "conv1d" else (cols, rows)
+    activations = config.activations if spec.bits == 8 and spec.symmetric else None
+    return QuantLinear(
+        in_features,
+        out_features,
+        module.bias is not None,
+        spec.bits,
+        spec.group_size,
+        spec.symmetric,
+        activations,
+        dtype,
+        device,
+    )
+
+
+@torch.no_grad()
+def _quantize_into(new: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, spec, config, name) -> None:
+    if spec.kind == "conv1d":
+        weight = weight.t()
+    quantized = quantize_weight(
+        weight, spec.bits, spec.group_size, spec.symmetric, config.algorithm, config.torch_compute_dtype, name
+    )
+    new.load_quantized(quantized)
+    if bias is not None and bias.device.type != "meta":
+        new.bias = nn.Parameter(bias.detach().to(new.bias.dtype), requires_grad=bias.requires_grad)
+
+
+def apply(model: PreTrainedModel, config: WeightQuantizationConfig, calibration_data: Any = None):
+    """Quantize `model` in place; every other float weight is cast to ``config.compute_dtype``."""
+    specs = plan(model, config)
+    if config.algorithm == "gptq":
+        from .gptq import gptq_quantize
+
+        gptq_quantize(model, specs, config, calibration_data)
+    else:
+        for name, spec in specs.items():
+            module = model.get_submodule(name)
+            new = _new_module(module, spec, config, module.weight.device)
+            _quantize_into(new, module.weight, getattr(module, "bias", None), spec, config, name)
+            replace_module(model, name, new)
+    model.to(config.torch_compute_dtype)
+    modules = {stored_name(model, name): spec.to_list() for name, spec in specs.items()}
+    return dataclasses.replace(config, modules=modules)
+
+
+def restructure(model: PreTrainedModel, config: WeightQuantizationConfig) -> None:
+    """Swap in empty `QuantLinear` / `QuantEmbedding` modules of the recorded shapes (no weight is computed)."""
+    for name, spec in plan(model, config).items():
+        module = model.get_submodule(name)
+        replace_module(model, name, _new_module(module, spec, config, module.weight.device))
+
+
+def after_load(model: PreTrainedModel, config: WeightQuantizationConfig) -> None:
+    """Re-align packed tensors (mmap loads can leave them 8-byte aligned, which crashes the int8 kernel)."""
+    for module in model.modules():
+        if isinstance(module, (QuantLinear, QuantEmbedding)):
+            module.realign_()
+
+
+def quantize_on_load(config: WeightQuantizationConfig) -> _OnLoadHandler:
+    """The handler `HfCompressQuantizer` uses for ``from_pretrained(fp_checkpoint, quantization_config=...)``."""
+    if config.algorithm == "gptq":
+        raise ValueError(
+            "algorithm='gptq' needs calibration data and the whole model; it cannot run while loading. Use "
+            "algorithm='mse' (calibration-free) on load, or load the model and call apply_compression(...)."
+        )
+    return _OnLoadHandler(config)
+
+
+class _OnLoadHandler:
+    """Quantizes each selected weight the moment the loader reads it, so the float model never exists whole."""
+
+    def __init__(self, config: WeightQuantizationConfig) -> None:
+        self.config = config
+        self.specs: dict[str, ModuleSpec] = {}
+        self.stored: dict[str, list] = {}
+
+    def prepare(self, model: PreTrainedModel) -> None:
+        # The skeleton keeps its float modules (so the loader routes the checkpoint's `.weight` keys to us); each
+        # is replaced by its quantized module inside the conversion op, when its weight arrives.
+        self.specs = plan(model, self.config)
+        self.stored = {stored_name(model, name): spec.to_list() for name, spec in self.specs.items()}
+
+    def param_needs_quantization(self, model: PreTrainedModel, param_name: str) -> bool:
+        module_name, _, leaf = param_name.rpartition(".")
+        return leaf == "weight" and module_name in self.specs
+
+    def quantize_ops(self, quantizer: Any) -> Any:
+        return _QuantizeOnLoad(self)
+
+    def resolved_config(self, model: PreTrainedModel) -> WeightQuantizationConfig:
+        """The resolved config; called once after loading, it also casts the float leftovers to the compute dtype."""
+        model.to(self.config.torch_compute_dtype)
+        return dataclasses.replace(self.config, modules=self.stored)
+
+
+def _conversion_ops_base() -> type:
+    from transformers.core_model_loading import ConversionOps
+
+    return ConversionOps
+
+
+class _QuantizeOnLoad(_conversion_ops_base()):
+    def __init__(self, handler: _OnLoadHandler) -> None:
+        self.handler = handler
+
+    def convert(self, input_dict: dict, full_layer_name: str | None = None, model=None, missing_keys=None, **kwargs):
+        value = next(iter(input_dict.values()))
+        weight = value[0] if isinstance(value, list) else value
+        module_name = full_layer_name.rpartition(".")[0]
+        spec = self.handler.specs[module_name]
+        old = model.get_submodule(module_name)
+        new = _new_module(old, spec, self.handler.config, weight.device)
+        _quantize_into(new, weight, getattr(old, "bias", None), spec, self.handler.config, module_name)
+        for tensor in (*new.parameters(), *new.buffers()):
+            tensor._is_hf_initialized = True
+        new._is_hf_initialized = True
+        replace_module(model, module_name, new)
+        if missing_keys is not None:
+            missing_keys.discard(full_layer_name)
+            for key in ("weight_packed", "weight_scale", "weight_zero"):
+                missing_keys.discard(f"{module_name}.{key}")
+        return {}
