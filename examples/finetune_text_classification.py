@@ -131,6 +131,13 @@ def check_full_finetuning_possible(model: torch.nn.Module) -> None:
         )
 
 
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     set_seed(args.seed)  # same classifier initialisation in every process
@@ -157,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     train_data, test_data = encode(train_rows), encode(test_rows)
+    rss_before_training = _peak_rss_mb()
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         per_device_train_batch_size=args.per_device_batch_size,
@@ -201,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     final = Path(args.output_dir) / "final"
     trainer.save_model(final)  # main process only; writes the recipe with the weights
     state = PartialState()
+    metrics.update(peak_rss_mb=_peak_rss_mb(), rss_before_training_mb=rss_before_training)
     metrics.update(num_processes=state.num_processes, recipe=[t.to_dict() for t in get_recipe(model).techniques]
                    if get_recipe(model) else [])  # fmt: skip
     if state.is_main_process:
