@@ -159,6 +159,9 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--metric", default="accuracy", help="evaluate metric for --task-data: a bundled one "
                       "('accuracy'), a path to a metric script, or a Hub metric name (default: accuracy).")  # fmt: skip
     data.add_argument("--max-samples", type=int, default=256, help="Calibration texts used, at most (default 256).")
+    data.add_argument("--latency-rounds", type=int, default=3, metavar="N",
+                      help="Timed rounds of the latency measurement (32 x 128 tokens, original and compressed "
+                      "alternately, after one warm-up); 0 skips it (default 3).")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

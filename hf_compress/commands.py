@@ -126,6 +126,7 @@ def run_compress(args: argparse.Namespace, argv: list[str]) -> int:
         calibration_data=calibration, eval_data=eval_texts, task_data=load_rows(args.task_data), metric=args.metric,
         distill=args.distill, output_dir=output_dir, push_to_hub=args.push_to_hub, private=args.private,
         measure=not args.no_measure, progress=True, reproduce_command=reproduce_command(shown),
+        latency_rounds=args.latency_rounds,
     )  # fmt: skip
     if result.report is not None:
         _print_report(result.report, args.json)
@@ -190,7 +191,8 @@ def run_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
     original, base_tokenizer, _ = load_model(base)
     tokenizer = tokenizer or base_tokenizer
     eval_texts = load_texts(args.eval_texts, "test", 64)
-    report = measure_report(original, model, tokenizer, base, eval_texts, load_rows(args.task_data), args.metric)
+    report = measure_report(original, model, tokenizer, base, eval_texts, load_rows(args.task_data), args.metric,
+                            latency_rounds=args.latency_rounds)  # fmt: skip
     _print_report(report, args.json)
     return 0
 

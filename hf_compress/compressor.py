@@ -59,6 +59,8 @@ def load_model(model_or_id: Any, auto_class: Any = None, tokenizer: Any = None) 
         name = getattr(getattr(model_or_id, "config", None), "_name_or_path", "") or type(model_or_id).__name__
         return model_or_id, tokenizer, str(name)
     source = str(model_or_id)
+    if not os.path.exists(source) and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
+        raise FileNotFoundError(f"{source} does not exist, and it is not a Hub id ('user/name') either.")
     if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
         raise FileNotFoundError(f"{source} is a folder without config.json: it is not a transformers checkpoint.")
     config = transformers.AutoConfig.from_pretrained(source)
@@ -68,7 +70,11 @@ def load_model(model_or_id: Any, auto_class: Any = None, tokenizer: Any = None) 
         cls = getattr(transformers, arch, None) if arch else None
         cls = cls if cls is not None and hasattr(cls, "from_pretrained") else transformers.AutoModel
     model = cls.from_pretrained(source).eval()
-    if tokenizer is None:
+    # transformers 5 builds an empty tokenizer for a folder saved without one; only load what was saved.
+    local_without_tokenizer = os.path.isdir(source) and not any(
+        os.path.isfile(os.path.join(source, name)) for name in ("tokenizer.json", "tokenizer_config.json")
+    )
+    if tokenizer is None and not local_without_tokenizer:
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError, TypeError):
@@ -98,6 +104,7 @@ def compress(
     max_eval_texts: int = 64,
     reproduce_command: str | None = None,
     progress: bool = False,
+    latency_rounds: int = 3,
 ) -> CompressionResult:
     """Compress a model in one call: load, apply the techniques in canonical order, measure, save, push.
 
@@ -135,6 +142,8 @@ def compress(
         card (`bool`, *optional*, defaults to `True`): write README.md (model card) and plots into `output_dir`.
         reproduce_command (`str`, *optional*): the command shown in the card's "Reproduce" section.
         progress (`bool`, *optional*, defaults to `False`): show a progress bar over the stages (the CLI sets it).
+        latency_rounds (`int`, *optional*, defaults to `3`): timed rounds (after one warm-up) of the latency
+            measurement, each one forward pass of both models on 32 x 128 tokens; 0 skips it.
 
     Returns:
         `CompressionResult` with ``.model``, ``.report`` (print ``.report.to_text()``), ``.output_dir``, ``.push``.
@@ -166,53 +175,56 @@ def compress(
     stages = ["load", "compress", *(["measure"] if measure else []), *(["save"] if output_dir or push_to_hub else []),
               *(["push"] if push_to_hub else [])]  # fmt: skip
     bar = _StageBar(stages, enabled=progress)
-    bar.next("load")
-    model, tokenizer, base_name = load_model(model_or_id, auto_class=auto_class, tokenizer=tokenizer)
-    seconds["load"] = time.perf_counter() - start
-    original = copy.deepcopy(model) if (measure or distill or budget is not None) else None
-    eval_texts = _texts(eval_data if eval_data is not None else calibration_data, max_eval_texts)
-    choice = None
-
-    t = time.perf_counter()
-    bar.next("compress (budget search)" if budget is not None else "compress")
-    if budget is not None:
-        from .budget import search_budget
-
-        configs, choice = search_budget(model, budget, calibration_data=calibration_data, eval_texts=eval_texts,
-                                        tokenizer=tokenizer, original=original)  # fmt: skip
-        _apply(model, list(configs), calibration_data, original, False, tokenizer)
-    else:
-        _apply(model, list(configs), calibration_data, original, distill, tokenizer)
-    seconds["compress"] = time.perf_counter() - t
-
-    report = None
-    if measure:
-        t = time.perf_counter()
-        bar.next("measure")
-        report = measure_report(original, model, tokenizer, base_name, eval_texts, task_data, metric)
-        report.choice = choice
-        seconds["measure"] = time.perf_counter() - t
-    del original
-
-    result = CompressionResult(model=model, report=report, tokenizer=tokenizer, configs=list(configs))
-    if output_dir is None and push_to_hub:
-        import tempfile
-
-        output_dir = Path(tempfile.mkdtemp(prefix="hf_compress-")) / push_to_hub.split("/")[-1]
-    if output_dir is not None:
-        t = time.perf_counter()
-        bar.next("save")
-        result.output_dir = save_result(result, output_dir, base_name, repo_id=push_to_hub, card=card,
-                                        reproduce_command=reproduce_command)  # fmt: skip
-        seconds["save"] = time.perf_counter() - t
-    if push_to_hub:
-        from .hub import push_to_hub as push
+    try:
+        bar.next("load")
+        model, tokenizer, base_name = load_model(model_or_id, auto_class=auto_class, tokenizer=tokenizer)
+        seconds["load"] = time.perf_counter() - start
+        original = copy.deepcopy(model) if (measure or distill or budget is not None) else None
+        eval_texts = _texts(eval_data if eval_data is not None else calibration_data, max_eval_texts)
+        choice = None
 
         t = time.perf_counter()
-        bar.next("push")
-        result.push = push(result.output_dir, push_to_hub, private=private, token=token)
-        seconds["push"] = time.perf_counter() - t
-    bar.close()
+        bar.next("compress (budget search)" if budget is not None else "compress")
+        if budget is not None:
+            from .budget import search_budget
+
+            configs, choice = search_budget(model, budget, calibration_data=calibration_data, eval_texts=eval_texts,
+                                            tokenizer=tokenizer, original=original)  # fmt: skip
+            _apply(model, list(configs), calibration_data, original, False, tokenizer)
+        else:
+            _apply(model, list(configs), calibration_data, original, distill, tokenizer)
+        seconds["compress"] = time.perf_counter() - t
+
+        report = None
+        if measure:
+            t = time.perf_counter()
+            bar.next("measure")
+            report = measure_report(original, model, tokenizer, base_name, eval_texts, task_data, metric,
+                                    latency_rounds=latency_rounds)  # fmt: skip
+            report.choice = choice
+            seconds["measure"] = time.perf_counter() - t
+        del original
+
+        result = CompressionResult(model=model, report=report, tokenizer=tokenizer, configs=list(configs))
+        if output_dir is None and push_to_hub:
+            import tempfile
+
+            output_dir = Path(tempfile.mkdtemp(prefix="hf_compress-")) / push_to_hub.split("/")[-1]
+        if output_dir is not None:
+            t = time.perf_counter()
+            bar.next("save")
+            result.output_dir = save_result(result, output_dir, base_name, repo_id=push_to_hub, card=card,
+                                            reproduce_command=reproduce_command)  # fmt: skip
+            seconds["save"] = time.perf_counter() - t
+        if push_to_hub:
+            from .hub import push_to_hub as push
+
+            t = time.perf_counter()
+            bar.next("push")
+            result.push = push(result.output_dir, push_to_hub, private=private, token=token)
+            seconds["push"] = time.perf_counter() - t
+    finally:
+        bar.close()
     if report is not None:
         report.seconds = {k: round(v, 2) for k, v in {**seconds, "total": time.perf_counter() - start}.items()}
     return result
@@ -234,7 +246,7 @@ class _StageBar:
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=len(stages), desc="hf-compress", unit="stage", leave=False)
+            self.bar = tqdm(total=len(stages), desc="compress", unit="stage", leave=False)
         self.started = False
 
     def next(self, stage: str) -> None:
@@ -243,12 +255,12 @@ class _StageBar:
         if self.started:
             self.bar.update(1)
         self.started = True
-        self.bar.set_description(f"hf-compress: {stage}")
+        self.bar.set_description(stage)
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.update(self.bar.total - self.bar.n)
             self.bar.close()
+            self.bar = None
 
 
 def _apply(model, configs, calibration_data, original, distill, tokenizer) -> None:
@@ -270,7 +282,8 @@ def _apply(model, configs, calibration_data, original, distill, tokenizer) -> No
         apply_compression(model, *quantize, calibration_data=calibration_data)
 
 
-def measure_report(original, model, tokenizer, base_name, eval_texts, task_data=None, metric="accuracy"):
+def measure_report(original, model, tokenizer, base_name, eval_texts, task_data=None, metric="accuracy",
+                   latency_rounds: int = 3):  # fmt: skip
     """Build the `CompressionReport` of `model` against `original` (sizes, latency, fidelity, task metric)."""
     from .quantizer import get_recipe
 
@@ -281,9 +294,9 @@ def measure_report(original, model, tokenizer, base_name, eval_texts, task_data=
         before=size_breakdown(original),
         after=size_breakdown(model),
     )
-    batch = _latency_batch(model, tokenizer, eval_texts)
+    batch = _latency_batch(model, tokenizer, eval_texts) if latency_rounds > 0 else None
     if batch is not None:
-        report.latency = latency_ratio(original, model, batch, rounds=3)
+        report.latency = latency_ratio(original, model, batch, rounds=latency_rounds)
     if eval_texts and tokenizer is not None:
         from .calibration import calibration_batches
 

@@ -172,8 +172,11 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
                 return self._error(403, None, f"You don't have the rights to create a model under {owner}")
             repo_id = f"{owner}/{payload['name']}"
             with hub._lock:
-                if repo_id in hub.repos:
-                    return self._error(409, None, "You already created this model repo")
+                if repo_id in hub.repos:  # the Hub answers 409 with the URL; create_repo(exist_ok=True) reads it
+                    message = "You already created this model repo"
+                    return self._send(
+                        409, {"error": message, "url": f"{hub.url}/{repo_id}"}, {"X-Error-Message": message}
+                    )
                 private = payload.get("private") or payload.get("visibility") == "private"
                 hub.repos[repo_id] = Repo(private=bool(private), owner=user)
             self._send(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
@@ -278,3 +281,17 @@ def _make_handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
 
 def _git_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\x00" % len(data) + data).hexdigest()
+
+
+def use_hub(monkeypatch, hub: HubServer, token: str | None = "hf_test_write_token") -> None:
+    """Point this process's huggingface_hub at `hub` (its constants are read at import, so patch them)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the Xet protocol is not implemented here
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    if token is None:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("HF_TOKEN", token)
