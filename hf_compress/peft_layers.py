@@ -16,6 +16,7 @@ from peft.tuners.lora import LoraConfig
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
+from .factorization import LowRankLinear
 from .quantization import QuantEmbedding, QuantLinear
 from .quantization.algorithms import quantize_weight
 
@@ -105,7 +106,8 @@ class QuantLoraLinear(LoraLinear):
 
 
 def dispatch_quantized(target: torch.nn.Module, adapter_name: str, config: LoraConfig, **kwargs):
-    """PEFT dispatcher: a `QuantLoraLinear` for a `QuantLinear` target, `None` for anything else."""
+    """PEFT dispatcher: a `QuantLoraLinear` for a `QuantLinear` target, a clear error for module types LoRA cannot
+    wrap (quantized embeddings, factorized layers), `None` (PEFT decides) for anything else."""
     base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     if isinstance(base, QuantLinear):
         if kwargs.get("parameter_name") is not None:
@@ -114,6 +116,14 @@ def dispatch_quantized(target: torch.nn.Module, adapter_name: str, config: LoraC
             config.fan_in_fan_out = False  # QuantLinear stores [out, in] like nn.Linear, even for GPT-2 Conv1D
         kwargs.pop("parameter_name", None)
         return QuantLoraLinear(target, adapter_name, config=config, **kwargs)
+    if isinstance(base, LowRankLinear):
+        # A merged update would raise the layer's rank, which the recipe fixes; each factor is an ordinary (or
+        # quantized) linear layer that LoRA can wrap and merge into exactly.
+        raise ValueError(
+            f"LoRA cannot wrap a factorized layer ({base}) as a whole. Target its factors instead, e.g. "
+            "target_modules=['intermediate.dense.up'] (the r -> out factor) or '...down' (in -> r), or leave it "
+            "out with exclude_modules."
+        )
     if isinstance(base, QuantEmbedding):
         raise ValueError(
             f"LoRA on a quantized embedding ({base}) is not supported. Leave the embedding out of target_modules, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification
 
 import hf_compress
 from hf_compress import get_recipe
+from hf_compress.factorization import LowRankLinearConfig
 from hf_compress.peft_integration import is_registered
 from hf_compress.peft_layers import QuantLoraLinear
 from hf_compress.pruning import HeadPruningConfig
@@ -201,3 +203,20 @@ def test_lora_on_a_quantized_embedding_is_a_clear_error(tmp_path):
     _, quantized = _quantized_classifier(tmp_path, bits=8)
     with pytest.raises(ValueError, match="quantized embedding.*quantize_embeddings=False"):
         _lora(_load(quantized), target_modules=["word_embeddings"])
+
+
+def test_lora_on_factorized_layers_targets_the_factors(tmp_path):
+    model = tiny_model("bert", AutoModelForSequenceClassification, num_labels=3)
+    hf_compress.apply_compression(model, LowRankLinearConfig(rank=4, target_modules=["intermediate.dense"]))
+    with pytest.raises(ValueError, match="Target its factors instead"):
+        _lora(copy.deepcopy(model), target_modules=["intermediate.dense"])
+    lora = _lora(model, target_modules=["query", "intermediate.dense.up"])
+    up = lora.base_model.model.bert.encoder.layer[0].intermediate.dense.up
+    assert up.lora_A["default"].weight.shape == (4, 4)  # LoRA on the r=4 -> 64 factor
+    _train(lora, steps=5)
+    unmerged = _logits(lora)
+    merged = lora.merge_and_unload()
+    torch.testing.assert_close(_logits(merged), unmerged, rtol=1e-4, atol=1e-5)
+    merged.save_pretrained(tmp_path)
+    again = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    torch.testing.assert_close(_logits(again), _logits(merged), rtol=0, atol=0)
