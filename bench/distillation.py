@@ -149,12 +149,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--student-epochs", type=float, default=1.0)
     parser.add_argument("--variant", choices=sorted(VARIANTS), help="only train this student, print nothing")
     parser.add_argument("--recovery", action="store_true", help="the recovery-distillation figure instead")
+    parser.add_argument("--recovery-steps", type=int, default=120, help="training steps of the recovery run")
     parser.add_argument("--train-threads", type=int, default=1, help="threads for training (1: busy machine)")
     args = parser.parse_args(argv)
     if args.recovery:
         from bench.distillation_recovery import main as recovery_main
 
-        return recovery_main(fast=args.fast)
+        return recovery_main(fast=args.fast, steps=args.recovery_steps)
     torch.set_num_threads(args.train_threads)
     limit = 256 if args.fast else None
     tag = f"len{args.max_length}{'-fast' if args.fast else ''}"

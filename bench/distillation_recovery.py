@@ -31,7 +31,7 @@ def _fidelity(model, reference: torch.Tensor, tokenizer, texts) -> tuple[float, 
     return float(cos.mean()), float(np.percentile(cos, 5))
 
 
-def main(fast: bool = False, steps: int = 150, batch_size: int = 16, max_length: int = 64) -> None:
+def main(fast: bool = False, steps: int = 120, batch_size: int = 16, max_length: int = 64) -> None:
     from datasets import Dataset
 
     torch.set_num_threads(1)
@@ -61,7 +61,7 @@ def main(fast: bool = False, steps: int = 150, batch_size: int = 16, max_length:
     with tempfile.TemporaryDirectory() as out:
         args = DistillationArguments(
             output_dir=out, max_steps=4 if fast else steps, per_device_train_batch_size=batch_size,
-            learning_rate=1e-4, warmup_steps=0.1, logging_steps=10, save_strategy="no", report_to=[],
+            learning_rate=2e-4, warmup_steps=0.1, logging_steps=10, save_strategy="no", report_to=[],
             disable_tqdm=True, seed=0, alpha_kl=0.0, alpha_task=0.0, alpha_cos=1.0, alpha_pooled=1.0,
         )  # fmt: skip
         trainer = DistillationTrainer(

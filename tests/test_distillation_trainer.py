@@ -151,3 +151,21 @@ def test_width_projections_are_trained_and_kept_out_of_the_student(tmp_path):
     assert set(saved) == {"maps.1.weight", "maps.2.weight"} and saved["maps.1.weight"].shape == (32, 16)
     student_keys = load_file(checkpoint / "model.safetensors").keys()
     assert not any("maps." in key for key in student_keys)
+
+
+def test_evaluate_returns_plain_logits_to_compute_metrics(tmp_path):
+    teacher = classifier_teacher()
+    student = make_student(teacher, num_layers=2)
+    seen = {}
+
+    def compute_metrics(prediction):
+        seen["shape"] = prediction.predictions.shape
+        return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+    trainer = DistillationTrainer(
+        model=student, teacher=teacher, train_dataset=dataset(), eval_dataset=dataset(n=16),
+        compute_metrics=compute_metrics, args=args(tmp_path, alpha_attn=0.5, per_device_eval_batch_size=8),
+    )  # fmt: skip
+    metrics = trainer.evaluate()
+    assert seen["shape"] == (16, 3)  # only the logits, not the hidden states / attention maps the loss used
+    assert "eval_accuracy" in metrics and metrics["eval_loss"] > 0

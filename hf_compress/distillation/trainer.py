@@ -68,7 +68,8 @@ class DistillationTrainer(Trainer):
         if not isinstance(args, DistillationArguments):
             raise TypeError(
                 f"args must be DistillationArguments (TrainingArguments plus the loss weights), got "
-                f"{type(args).__name__}. Build it with DistillationArguments(**training_args.to_dict(), alpha_kl=...)."
+                f"{type(args).__name__}. It takes every TrainingArguments field: DistillationArguments(output_dir=..., "
+                "learning_rate=..., alpha_kl=1.0, temperature=2.0)."
             )
         if not isinstance(teacher, nn.Module):
             raise TypeError(f"teacher must be a torch model (PreTrainedModel), got {type(teacher).__name__}.")
@@ -201,7 +202,12 @@ class DistillationTrainer(Trainer):
                 weighted = (weights[name] * value).detach().float()
                 self._component_sums[name] = self._component_sums.get(name, 0.0) + weighted
             self._component_count += 1
-        return (loss, student_out) if return_outputs else loss
+        if not return_outputs:
+            return loss
+        # Hand back what the student returns on its own: evaluation would otherwise gather every hidden state and
+        # attention map we asked for, and pass them to compute_metrics as extra "logits".
+        added = {key for key in ("hidden_states", "attentions") if f"output_{key}" in want}
+        return loss, type(student_out)(**{k: v for k, v in student_out.items() if k not in added})
 
     def _hidden_terms(self, student_hidden, teacher_hidden, mask) -> dict[str, torch.Tensor]:
         weights, terms = self.weights, {}
