@@ -181,7 +181,8 @@ def search_budget(model: nn.Module, budget: float | str, *, calibration_data: An
 
     grid = [Candidate(r, h, f, lay, emb) for r in RANKS for h in HEAD_FRACTIONS for f in FFN_FRACTIONS
             for lay in FORMATS for emb in FORMATS]  # fmt: skip
-    grid = [c for c in grid if c.valid()]
+    # A factorization must hold fewer parameters than the table it replaces.
+    grid = [c for c in grid if c.valid() and (not c.rank or c.rank * (vocab + hidden) < vocab * hidden)]
     for cand in grid:
         cand.estimated_bytes = estimate(cand, sizes, rates, vocab, hidden)
     fitting = sorted(

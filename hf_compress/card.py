@@ -209,7 +209,13 @@ def head_plot(head_config: Any) -> bytes | None:
     except ImportError:
         return None
     fig = plot_head_importance(head_config)
-    return _png(fig) if fig is not None else None
+    if fig is None:
+        return None
+    png = _png(fig)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)  # pyplot keeps every figure it made alive until closed
+    return png
 
 
 def build_card_files(report: CompressionReport, repo_id: str | None = None, reproduce_command: str | None = None,

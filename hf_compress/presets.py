@@ -8,8 +8,8 @@ to be installed, and the error for a missing one names it.
 |---|---|---|
 | ``int8`` (default) | 8-bit weights everywhere, embeddings included | near-lossless, about 4x smaller |
 | ``int4`` | 4-bit weights in groups of 32, with zero points | about 6x smaller, small quality loss |
-| ``distil`` | 1/3 of heads pruned, embeddings at rank 128, recovery distillation, then int8 | smaller and faster, recovered |
-| ``max`` | 1/2 of heads and FFN neurons pruned, embeddings at rank 128, int4 | the smallest model |
+| ``distil`` | 1/3 of heads pruned, embeddings factorized to 34 % of their parameters (rank 128 on MiniLM), recovery distillation, then int8 | smaller and faster, recovered |
+| ``max`` | 1/2 of heads and FFN neurons pruned, embeddings as in ``distil``, int4 | the smallest model |
 """
 
 from __future__ import annotations
@@ -37,17 +37,17 @@ PRESETS: dict[str, Preset] = {
     "int4": Preset("4-bit weights in groups of 32 with zero points: ~6x smaller, small quality loss.",
                    (("weight_quantization", {"bits": 4}),)),
     "distil": Preset(
-        "1/3 of attention heads pruned, embeddings factorized to rank 128, recovery distillation from the original, "
+        "1/3 of attention heads pruned, embeddings factorized to 34 % of their parameters (rank 128 on MiniLM), recovery distillation from the original, "
         "then 8-bit weights.",
-        (("head_pruning", {"fraction": 1 / 3}), ("embedding_factorization", {"rank": 128}),
+        (("head_pruning", {"fraction": 1 / 3}), ("embedding_factorization", {"param_budget": 0.34}),
          ("weight_quantization", {"bits": 8})),
         distill=True,
     ),
     "max": Preset(
-        "1/2 of attention heads and FFN neurons pruned, embeddings factorized to rank 128, 4-bit weights: the "
+        "1/2 of attention heads and FFN neurons pruned, embeddings factorized as in distil, 4-bit weights: the "
         "smallest model (add distillation to recover quality).",
         (("head_pruning", {"fraction": 0.5}), ("ffn_pruning", {"fraction": 0.5}),
-         ("embedding_factorization", {"rank": 128}), ("weight_quantization", {"bits": 4})),
+         ("embedding_factorization", {"param_budget": 0.34}), ("weight_quantization", {"bits": 4})),
     ),
 }  # fmt: skip
 DEFAULT_PRESET = "int8"

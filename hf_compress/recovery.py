@@ -53,6 +53,7 @@ def recover(student: nn.Module, teacher: nn.Module, texts: Any, *, tokenizer: An
         args = DistillationArguments(
             output_dir=scratch, max_steps=max_steps, learning_rate=learning_rate,
             per_device_train_batch_size=batch_size, save_strategy="no", report_to=[], logging_steps=max(max_steps // 10, 1),
+            dataloader_pin_memory=False,
             disable_tqdm=False, **settings,
         )  # fmt: skip
         trainer = DistillationTrainer(model=student, args=args, teacher=teacher, train_dataset=encoded,
