@@ -152,7 +152,9 @@ def test_frequency_weighting_favours_seen_tokens():
     batches = [{"input_ids": frequent.repeat(4, 3)}]
     weighted = tiny_model("bert")
     apply_compression(model, EmbeddingFactorizationConfig(rank=4, init="svd"))
-    apply_compression(weighted, EmbeddingFactorizationConfig(rank=4, smoothing=0.0), calibration_data=batches)
+    apply_compression(
+        weighted, EmbeddingFactorizationConfig(rank=4, init="frequency", smoothing=0.0), calibration_data=batches
+    )
     assert get_recipe(weighted).techniques[0].init == "frequency"
     plain_error = (model.get_input_embeddings().weight[frequent] - table[frequent]).norm()
     weighted_error = (weighted.get_input_embeddings().weight[frequent] - table[frequent]).norm()
@@ -219,10 +221,42 @@ def test_weighted_svd_projects_every_row_optimally(seed, rank):
     generator = torch.Generator().manual_seed(seed)
     matrix = torch.randn(20, 8, generator=generator, dtype=torch.float64)
     weights = torch.rand(20, generator=generator, dtype=torch.float64) + 0.1
-    _, vectors, _ = weighted_row_svd(matrix, weights, center=False)
-    basis = vectors[:, :rank]
+    _, basis, _, _ = weighted_row_svd(matrix, weights, center=False)
+    basis = basis[:, :rank]
     ours = (weights[:, None] * (matrix - matrix @ basis @ basis.t()).pow(2)).sum()
     # The optimum of the weighted problem is the truncated SVD of diag(sqrt(w)) M, rescaled row by row.
     u, s, vh = torch.linalg.svd(weights.sqrt()[:, None] * matrix, full_matrices=False)
     optimum = s[rank:].pow(2).sum()
     assert torch.isclose(ours, optimum, rtol=1e-6, atol=1e-9)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 6))
+def test_metric_weighted_svd_is_optimal_in_its_metric(seed, rank):
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(20, 8, generator=generator, dtype=torch.float64)
+    weights = torch.rand(20, generator=generator, dtype=torch.float64) + 0.1
+    factor = torch.randn(8, 8, generator=generator, dtype=torch.float64)
+    metric = factor @ factor.t() + 0.1 * torch.eye(8, dtype=torch.float64)
+    _, analysis, synthesis, _ = weighted_row_svd(matrix, weights, center=False, metric=metric, damping=0.0)
+    error = matrix - matrix @ analysis[:, :rank] @ synthesis[:rank]
+    ours = (weights[:, None] * (error @ metric * error)).sum()
+    values, vectors = torch.linalg.eigh(metric)
+    root = (vectors * values.sqrt()) @ vectors.t()
+    s = torch.linalg.svdvals(weights.sqrt()[:, None] * matrix @ root)
+    assert torch.isclose(ours, s[rank:].pow(2).sum(), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(("model_type", "auto_class"), [("bert", AutoModel), ("gpt2", AutoModelForCausalLM)])
+def test_sensitivity_init_is_the_default_with_data(model_type, auto_class, tmp_path):
+    model = tiny_model(model_type, auto_class)
+    inputs = tiny_inputs(model_type)
+    batches = [
+        {"input_ids": torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(i))} for i in range(3)
+    ]
+    apply_compression(model, EmbeddingFactorizationConfig(rank=8), calibration_data=batches)
+    assert get_recipe(model).techniques[0].init == "sensitivity"
+    assert all(p.grad is None for p in model.parameters()), "the sensitivity pass must not leave parameter gradients"
+    expected = _out(model, inputs)
+    model.save_pretrained(tmp_path)
+    assert torch.equal(_out(auto_class.from_pretrained(tmp_path), inputs), expected)

@@ -30,7 +30,12 @@ from .layers import FactorizedEmbedding, FactorizedLMHead
 from .svd import weighted_row_svd
 
 
-__all__ = ["apply_embedding_factorization", "restructure_embedding_factorization", "token_frequencies"]
+__all__ = [
+    "apply_embedding_factorization",
+    "restructure_embedding_factorization",
+    "token_frequencies",
+    "output_sensitivity",
+]
 
 
 def _locate(model: nn.Module) -> tuple[str, nn.Embedding]:
@@ -77,6 +82,48 @@ def token_frequencies(
     return counts
 
 
+@torch.enable_grad()
+def output_sensitivity(
+    model: PreTrainedModel, embedding: nn.Embedding, data: Any, max_texts: int, tokenizer: Any = None
+) -> torch.Tensor:
+    """``E[J^T J]``: how strongly the normalised, mean-pooled last hidden state reacts to each embedding direction.
+
+    ``J`` is the Jacobian of the pooled output with respect to one token's embedding. It is estimated without
+    forming ``J``: for a random Gaussian ``u``, the gradient ``g`` of ``<u, pooled>`` at the embedding output has
+    ``E[g g^T] = J^T J``. One backward pass per batch, only to the embedding output (no parameter gradients).
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(module, args, output):
+        leaf = output.detach().requires_grad_(True)  # a fresh leaf: gradients stop here
+        captured["embedding"] = leaf
+        return leaf
+
+    hidden = embedding.embedding_dim
+    total = torch.zeros(hidden, hidden, dtype=torch.float64)
+    tokens = 0
+    generator = torch.Generator().manual_seed(0)
+    handle = embedding.register_forward_hook(capture)
+    try:
+        for batch in calibration_batches(model, data, tokenizer=tokenizer, max_samples=max_texts, batch_size=16):
+            mask = batch.get("attention_mask")
+            mask = torch.ones_like(batch["input_ids"]) if mask is None else mask
+            states = model.base_model(**batch).last_hidden_state
+            weights = mask.unsqueeze(-1).to(states.dtype)
+            pooled = (states * weights).sum(1) / weights.sum(1).clamp_min(1)
+            pooled = pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            probe = torch.randn(pooled.shape, generator=generator).to(pooled)
+            (grad,) = torch.autograd.grad((pooled * probe).sum(), captured["embedding"])
+            grad = grad[mask.bool()].double().cpu()
+            total += grad.t() @ grad
+            tokens += grad.shape[0]
+    finally:
+        handle.remove()
+    if tokens == 0:
+        raise ValueError("The calibration data contains no tokens; pass real text to weight the factorization.")
+    return total / tokens
+
+
 def _resolve_rank(config: EmbeddingFactorizationConfig, singular_values: torch.Tensor, vocab: int, hidden: int):
     from .svd import rank_for_energy
 
@@ -105,25 +152,26 @@ def apply_embedding_factorization(
         _check_rank(config.rank, vocab, hidden, f"rank={config.rank}")
     init = config.init
     if init == "auto":
-        init = "frequency" if calibration_data is not None else "svd"
-    weights = None
-    if init == "frequency":
+        init = "sensitivity" if calibration_data is not None else "svd"
+    weights = metric = None
+    if init in ("frequency", "sensitivity"):
         if calibration_data is None:
             raise ValueError(
-                "init='frequency' weights tokens by how often they occur in calibration text, but none was given. "
+                f"init={init!r} weights tokens by how often they occur in calibration text, but none was given. "
                 "Pass calibration_data=[...texts...] or use init='svd'."
             )
         counts = token_frequencies(model, calibration_data, vocab, config.max_calibration_texts, tokenizer)
         weights = counts + config.smoothing
-    singular_values, vectors, offset = weighted_row_svd(table, weights, center=config.center)
+    if init == "sensitivity":
+        metric = output_sensitivity(model, embedding, calibration_data, config.sensitivity_texts, tokenizer)
+    singular_values, analysis, synthesis, offset = weighted_row_svd(table, weights, config.center, metric)
     rank = _resolve_rank(config, singular_values, vocab, hidden)
-    basis = vectors[:, :rank]  # (hidden, rank), orthonormal columns
     centered = table.double() - offset if offset is not None else table.double()
     factorized = FactorizedEmbedding(
         vocab, hidden, rank, embedding.padding_idx, bias=config.center, device=table.device, dtype=table.dtype
     )
-    factorized.token_factor.weight.copy_(centered @ basis)
-    factorized.projection.weight.copy_(basis)
+    factorized.token_factor.weight.copy_(centered @ analysis[:, :rank])
+    factorized.projection.weight.copy_(synthesis[:rank].t())
     if offset is not None:
         factorized.projection.bias.copy_(offset)
     factorized.requires_grad_(table.requires_grad)

@@ -77,8 +77,8 @@ def _input_moments(
             mask = state["mask"]
             if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
                 x = x[mask]
-            x = x.reshape(-1, x.shape[-1]).double().cpu()
-            sums[name] += x.t() @ x
+            x = x.reshape(-1, x.shape[-1]).float()
+            sums[name] += (x.t() @ x).double().cpu()  # float32 product per batch, float64 running sum
             counts[name] += x.shape[0]
 
         return record
