@@ -104,7 +104,17 @@ def test_zero_rows_are_exact_and_nan_is_rejected():
         (dict(overrides={"query": {"bitz": 4}}), "unknown keys"),
         (dict(overrides={"query": {"bits": 2}}), r"overrides\['query'\]\['bits'\] must be 4 or 8"),
     ],
-    ids=["bits", "bool-bits", "group", "algorithm", "dyn-4bit", "activations", "dtype", "override-key", "override-bits"],
+    ids=[
+        "bits",
+        "bool-bits",
+        "group",
+        "algorithm",
+        "dyn-4bit",
+        "activations",
+        "dtype",
+        "override-key",
+        "override-bits",
+    ],
 )
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):

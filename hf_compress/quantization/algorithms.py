@@ -65,7 +65,7 @@ def quantize_weight(
         scale, zero = _minmax(w, bits, symmetric)
     elif algorithm == "hqq":
         scale, zero = _hqq(w, bits, symmetric)
-    elif algorithm in ("mse", "gptq"):  # GPTQ starts from the least-squares grid
+    elif algorithm in ("auto", "mse", "gptq"):  # GPTQ only calls this for embeddings
         scale, zero = _least_squares(w, bits, symmetric)
     else:
         raise ValueError(f"Unknown algorithm {algorithm!r}; use 'rtn', 'hqq', 'mse' or 'gptq'.")

@@ -12,7 +12,7 @@ from ..config import TechniqueConfig
 
 __all__ = ["WeightQuantizationConfig", "ALGORITHMS", "ModuleSpec"]
 
-ALGORITHMS = ("rtn", "hqq", "mse", "gptq")
+ALGORITHMS = ("auto", "rtn", "hqq", "mse", "gptq")
 _ACTIVATIONS = (None, "int8_dynamic")
 _DTYPES = ("bfloat16", "float16", "float32")
 
@@ -57,8 +57,9 @@ class WeightQuantizationConfig(TechniqueConfig):
         symmetric (`bool`, *optional*):
             Scale only (``True``) or scale plus zero offset (``False``). Defaults to ``True`` for 8 bits and
             ``False`` for 4 bits, the most accurate choice measured for each.
-        algorithm (`str`, *optional*, defaults to `"mse"`):
-            How scales are chosen: ``"rtn"`` (min/max round-to-nearest), ``"hqq"`` (calibration-free half-quadratic
+        algorithm (`str`, *optional*, defaults to `"auto"`):
+            How scales are chosen. ``"auto"`` (the best measured) is ``"gptq"`` when calibration data is given and
+            ``"mse"`` otherwise. ``"rtn"`` (min/max round-to-nearest), ``"hqq"`` (calibration-free half-quadratic
             optimisation of the zero offset under a sparsity-promoting error), ``"mse"`` (calibration-free: per-group
             clipping search, then alternating least squares on scale and offset) or ``"gptq"`` (needs calibration
             data; compensates each column's rounding error on the columns not yet quantized).
@@ -107,7 +108,7 @@ class WeightQuantizationConfig(TechniqueConfig):
         default=None,
         metadata={"help": "Scale only (True) or scale and zero offset (default: 8-bit True, 4-bit False)."},
     )
-    algorithm: str = field(default="mse", metadata={"help": f"How scales are chosen: one of {ALGORITHMS}."})
+    algorithm: str = field(default="auto", metadata={"help": f"How scales are chosen: one of {ALGORITHMS}."})
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module-name suffixes or a full-match regex (default: all linear layers)."}
     )

@@ -150,8 +150,28 @@ def _quantize_into(new: nn.Module, weight: torch.Tensor, bias: torch.Tensor | No
         new.bias = nn.Parameter(bias.detach().to(new.bias.dtype), requires_grad=bias.requires_grad)
 
 
+@torch.no_grad()
+def cast_floats(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast float parameters and *persistent* buffers to `dtype`.
+
+    Non-persistent buffers (rotary ``inv_freq``, ...) are rebuilt by the model in float32 when it is reloaded, so
+    they keep their dtype here too: otherwise the reloaded model would not compute exactly what was saved.
+    """
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_floating_point() and name not in module._non_persistent_buffers_set:
+                module._buffers[name] = buffer.to(dtype)
+    if hasattr(model, "config"):
+        model.config.dtype = dtype
+
+
 def apply(model: PreTrainedModel, config: WeightQuantizationConfig, calibration_data: Any = None):
     """Quantize `model` in place; every other float weight is cast to ``config.compute_dtype``."""
+    if config.algorithm == "auto":
+        config = dataclasses.replace(config, algorithm="gptq" if calibration_data is not None else "mse")
     specs = plan(model, config)
     if config.algorithm == "gptq":
         from .gptq import gptq_quantize
@@ -163,7 +183,7 @@ def apply(model: PreTrainedModel, config: WeightQuantizationConfig, calibration_
             new = _new_module(module, spec, config, module.weight.device)
             _quantize_into(new, module.weight, getattr(module, "bias", None), spec, config, name)
             replace_module(model, name, new)
-    model.to(config.torch_compute_dtype)
+    cast_floats(model, config.torch_compute_dtype)
     modules = {stored_name(model, name): spec.to_list() for name, spec in specs.items()}
     return dataclasses.replace(config, modules=modules)
 
@@ -189,6 +209,8 @@ def quantize_on_load(config: WeightQuantizationConfig) -> _OnLoadHandler:
             "algorithm='gptq' needs calibration data and the whole model; it cannot run while loading. Use "
             "algorithm='mse' (calibration-free) on load, or load the model and call apply_compression(...)."
         )
+    if config.algorithm == "auto":
+        config = dataclasses.replace(config, algorithm="mse")
     return _OnLoadHandler(config)
 
 
@@ -215,7 +237,7 @@ class _OnLoadHandler:
 
     def resolved_config(self, model: PreTrainedModel) -> WeightQuantizationConfig:
         """The resolved config; called once after loading, it also casts the float leftovers to the compute dtype."""
-        model.to(self.config.torch_compute_dtype)
+        cast_floats(model, self.config.torch_compute_dtype)
         return dataclasses.replace(self.config, modules=self.stored)
 
 
