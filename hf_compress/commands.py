@@ -179,7 +179,8 @@ def run_inspect(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def run_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
-    from .compressor import load_model, measure_report
+    from .compressor import load_model
+    from .report import measure_report
 
     base = args.base
     report_path = Path(args.path) / "hf_compress_report.json"

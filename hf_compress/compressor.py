@@ -17,7 +17,7 @@ from .api import apply_compression
 from .config import CompressionConfig, TechniqueConfig
 from .presets import DEFAULT_PRESET, preset_configs
 from .registry import get_technique
-from .report import CompressionReport, embedding_fidelity, latency_ratio, size_breakdown, task_metrics
+from .report import CompressionReport, measure_report
 
 
 __all__ = ["compress", "CompressionResult", "load_model"]
@@ -280,45 +280,6 @@ def _apply(model, configs, calibration_data, original, distill, tokenizer) -> No
             recover(model, original, calibration_data, tokenizer=tokenizer, **kwargs)
     if quantize:
         apply_compression(model, *quantize, calibration_data=calibration_data)
-
-
-def measure_report(original, model, tokenizer, base_name, eval_texts, task_data=None, metric="accuracy",
-                   latency_rounds: int = 3):  # fmt: skip
-    """Build the `CompressionReport` of `model` against `original` (sizes, latency, fidelity, task metric)."""
-    from .quantizer import get_recipe
-
-    recipe = get_recipe(model)
-    report = CompressionReport(
-        base_model=base_name,
-        recipe=recipe.to_dict() if recipe else {},
-        before=size_breakdown(original),
-        after=size_breakdown(model),
-    )
-    batch = _latency_batch(model, tokenizer, eval_texts) if latency_rounds > 0 else None
-    if batch is not None:
-        report.latency = latency_ratio(original, model, batch, rounds=latency_rounds)
-    if eval_texts and tokenizer is not None:
-        from .calibration import calibration_batches
-
-        batches = list(calibration_batches(model, eval_texts, tokenizer=tokenizer, batch_size=32))
-        report.fidelity = embedding_fidelity(original, model, batches)
-    if task_data is not None and tokenizer is not None:
-        report.task = task_metrics({"before": original, "after": model}, task_data, metric, tokenizer)
-    return report
-
-
-def _latency_batch(model, tokenizer, texts, batch_size: int = 32, length: int = 128):
-    """32 x 128 tokens (real text repeated when given, random ids otherwise), as the benchmarks use."""
-    config = model.config.get_text_config()
-    if tokenizer is not None and texts:
-        chosen = (texts * (batch_size // len(texts) + 1))[:batch_size]
-        return dict(tokenizer(chosen, padding="max_length", truncation=True, max_length=length, return_tensors="pt"))
-    vocab = getattr(config, "vocab_size", None)
-    if vocab is None:
-        return None
-    length = min(length, getattr(config, "max_position_embeddings", length) or length)
-    ids = torch.randint(0, vocab, (batch_size, length), generator=torch.Generator().manual_seed(0))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def _texts(data: Any, limit: int) -> list[str] | None:
