@@ -40,6 +40,11 @@ def _json(value: str) -> Any:
         raise argparse.ArgumentTypeError(f"expected JSON such as '{{\"0\": [1, 2]}}', got {value!r} ({err})") from err
 
 
+def _escape(text: str) -> str:
+    """argparse %-formats help strings; a literal % (e.g. "50 %") must be doubled."""
+    return text.replace("%", "%%")
+
+
 def _user_fields(config_cls: type) -> list[dataclasses.Field]:
     """Fields a user sets: those with help text that is not a resolved-by-hf_compress field."""
     fields = []
@@ -54,7 +59,7 @@ def _add_field(group: argparse._ArgumentGroup, method: str, f: dataclasses.Field
     kind = str(f.type)
     default = f.default if f.default is not dataclasses.MISSING else None
     kwargs: dict[str, Any] = {"dest": f"{method}__{f.name}", "default": argparse.SUPPRESS,
-                              "help": f"{f.metadata['help']} (default: {default!r})"}  # fmt: skip
+                              "help": _escape(f"{f.metadata['help']} (default: {default!r})")}  # fmt: skip
     if kind.startswith("dict"):
         kwargs.update(type=_json, metavar="JSON")
     elif kind.startswith("list"):
@@ -102,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     what = c.add_argument_group("what to apply (one of)")
     what.add_argument("--preset", choices=sorted(PRESETS),
                       help=f"Named recipe (default {DEFAULT_PRESET!r} when nothing else is given). "
-                      + " ".join(f"{k}: {v.description}" for k, v in PRESETS.items()))  # fmt: skip
+                      + _escape(" ".join(f"{k}: {v.description}" for k, v in PRESETS.items())))  # fmt: skip
     what.add_argument("--recipe", help="JSON file with a list of technique configs (e.g. hf_compress_recipe.json).")
     what.add_argument("--budget", help="Target size: megabytes ('12', '12MB') or a reduction factor ('10x'). "
                       "Searches the settings with the best measured fidelity that fit.")  # fmt: skip
