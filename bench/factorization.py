@@ -103,15 +103,15 @@ def main() -> None:
     parser.add_argument("--fast", action="store_true", help="Smoke run: little data, two ranks, no latency.")
     parser.add_argument("--ranks", type=int, nargs="+", default=[64, 128, 192, 256])
     parser.add_argument("--calibration", type=int, default=3000, help="Unlabeled train texts for token counts.")
-    parser.add_argument("--recovery-seconds", type=float, default=120.0, help="Distillation budget per rank.")
+    parser.add_argument("--recovery-seconds", type=float, default=100.0, help="Distillation budget per rank.")
     parser.add_argument("--recovery-lr", type=float, default=2e-3)
-    parser.add_argument("--energies", type=float, nargs="+", default=[0.6, 0.75, 0.9])
+    parser.add_argument("--energies", type=float, nargs="+", default=[0.95, 0.99, 0.999])
     parser.add_argument("--no-ffn", action="store_true", help="Skip the low-rank FFN table.")
     parser.add_argument("--no-lock", action="store_true", help="Do not take the shared lock (already under flock).")
     args = parser.parse_args()
     config = BenchConfig(latency=False, disk=False)
     if args.fast:
-        args.ranks, args.calibration, args.recovery_seconds, args.energies = [64, 128], 300, 15.0, [0.75]
+        args.ranks, args.calibration, args.recovery_seconds, args.energies = [64, 128], 300, 15.0, [0.99]
         config = BenchConfig(latency=False, disk=False, fidelity_per_section=8, probe_train_per_section=16)
     torch.set_num_threads(2)
     base, tokenizer = load_minilm()
