@@ -106,6 +106,8 @@ class LowRankLinearConfig(TechniqueConfig):
         exclude_modules (`list[str] | str`, *optional*): names to leave dense.
         rank (`int`, *optional*): the same rank for every targeted layer.
         energy (`float`, *optional*): per layer, the smallest rank keeping this fraction of the (whitened) spectrum.
+            With activation whitening a few outlier hidden dimensions hold most of the energy (MiniLM: 75 % of it
+            in ranks 1-17), so useful levels are 0.95-0.999.
         param_budget (`float`, *optional*): keep this fraction of the targeted layers' parameters in total.
         min_saving (`float`, *optional*, defaults to `0.2`): minimum fraction of a layer's parameters saved.
         whiten (`str`, *optional*, defaults to `"auto"`): ``"activation"`` (needs calibration data), ``"none"``,
