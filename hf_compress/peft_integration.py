@@ -15,7 +15,6 @@ stays light and the order of the two imports does not matter.
 from __future__ import annotations
 
 import importlib.abc
-import importlib.util
 import sys
 import threading
 
@@ -66,20 +65,29 @@ def _user_custom_match(lora_config, target) -> bool:
 
 
 class _RegisterAfterPeftImport(importlib.abc.MetaPathFinder):
-    """One-shot import hook: when ``peft`` is first imported, run `register_with_peft` right after it loads."""
+    """Import hook: when ``peft`` is imported, run `register_with_peft` right after its ``__init__`` has run.
+
+    Availability checks (``importlib.util.find_spec("peft")``, as transformers does) also reach this finder; they
+    get a spec whose loader registers *if* it is ever executed, and the hook stays until a real import happens.
+    """
 
     def find_spec(self, fullname, path, target=None):
         if fullname != "peft":
             return None
-        # Find the real spec with the other finders (remove ourselves first, or we would recurse).
-        _remove_hook()
-        spec = importlib.util.find_spec("peft")
+        spec = None
+        for finder in list(sys.meta_path):  # the other finders, so we never recurse into ourselves
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_register(module):
             exec_module(module)
+            _remove_hook()
             try:
                 register_with_peft()
             except Exception as err:  # never break `import peft` because of us

@@ -87,7 +87,9 @@ def _train(model, steps: int = 30, lr: float = 1e-2) -> list[float]:
 
 def test_import_hf_compress_registers_with_peft():
     assert is_registered()
-    for order in ("import hf_compress, peft", "import peft, hf_compress"):
+    # the third: availability checks (transformers, importlib) look peft up before anything imports it
+    checked_first = "import importlib.util, hf_compress\nassert importlib.util.find_spec('peft')\nimport peft"
+    for order in ("import hf_compress, peft", "import peft, hf_compress", checked_first):
         script = f"{order}\nfrom hf_compress.peft_integration import is_registered\nassert is_registered()\n"
         result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, f"{order}: {result.stderr[-2000:]}"
