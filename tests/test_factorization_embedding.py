@@ -113,20 +113,25 @@ def test_weight_reads_are_materialised_and_writes_explain():
 
 
 @pytest.mark.parametrize("new_size", [133, 120])
-def test_resize_token_embeddings_tied(new_size, tmp_path):
-    model = tiny_model("gpt2", AutoModelForCausalLM)
+@pytest.mark.parametrize(
+    ("model_type", "auto_class"), [("gpt2", AutoModelForCausalLM), ("bert", AutoModelForMaskedLM)]
+)
+def test_resize_token_embeddings_tied(model_type, auto_class, new_size, tmp_path):
+    model = tiny_model(model_type, auto_class)
     apply_compression(model, EmbeddingFactorizationConfig(rank=8))
     before = model.get_input_embeddings().weight[:120].clone()
     model.resize_token_embeddings(new_size)
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     assert embedding.num_embeddings == new_size == model.config.vocab_size
     assert head.out_features == new_size
+    if head.bias is not None:  # BERT's MLM bias follows the vocabulary (padded by transformers' tie_weights)
+        assert head.bias.shape == (new_size,)
     assert torch.allclose(embedding.weight[:120], before)
     inputs = {"input_ids": torch.randint(0, new_size, (2, 5))}
     logits = _out(model, inputs)
     assert logits.shape[-1] == new_size
     model.save_pretrained(tmp_path)
-    assert torch.equal(_out(AutoModelForCausalLM.from_pretrained(tmp_path), inputs), logits)
+    assert torch.equal(_out(auto_class.from_pretrained(tmp_path), inputs), logits)
 
 
 def test_resize_untied_head_and_padding():
