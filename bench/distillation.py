@@ -80,6 +80,16 @@ def accuracy(model, dataset, tokenizer, batch_size: int = 64) -> float:
     return correct / len(dataset)
 
 
+def cached_accuracy(model, dataset, tokenizer, folder: Path) -> float:
+    """`accuracy`, stored next to the model so a rerun (e.g. for the latency table) does not recompute it."""
+    path = folder / f"accuracy-{len(dataset)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())["accuracy"]
+    value = accuracy(model, dataset, tokenizer)
+    path.write_text(json.dumps({"accuracy": value}))
+    return value
+
+
 def _training_args(cls, out: Path, epochs: float, lr: float, **extra):
     return cls(
         output_dir=str(out / "run"), per_device_train_batch_size=32, learning_rate=lr, num_train_epochs=epochs,
@@ -177,7 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     models = {"teacher (6 layers)": AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()}
     for name, folder in student_dirs.items():
         models[f"student: {name}"] = AutoModelForSequenceClassification.from_pretrained(folder).eval()
-    acc = {name: accuracy(model, test, tokenizer) for name, model in models.items()}
+    folders = {"teacher (6 layers)": teacher_dir, **{f"student: {n}": d for n, d in student_dirs.items()}}
+    acc = {name: cached_accuracy(model, test, tokenizer, folders[name]) for name, model in models.items()}
 
     torch.set_num_threads(2)
     batch = tokenizer(["x"] * 32, padding="max_length", max_length=128, return_tensors="pt")
