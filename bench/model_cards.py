@@ -2,7 +2,8 @@
 
 Each card is what ``hf-compress compress`` writes next to a compressed model (README.md with YAML metadata, the
 before/after table, plots, the recipe and the command that reproduces it); only the weights are left out of the
-repository. Run under the benchmark lock so the latency figures are not polluted by other jobs:
+repository. Run under the benchmark lock so the latency figures are not polluted by other jobs (latency is timed
+alternately against fp32 in the same run, so a busy machine shifts the ratio less than the absolute times):
 
     flock /tmp/hf_compress_bench.lock python -m bench.model_cards            # every example
     flock /tmp/hf_compress_bench.lock python -m bench.model_cards --only int8
@@ -93,11 +94,14 @@ def main() -> None:
 
     task_rows = load_rows("debian")
     index_path = ROOT / "index.json"
-    rows = {r["name"]: r for r in json.loads(index_path.read_text())} if index_path.is_file() else {}
+    new = {}
     for name in args.only or EXAMPLES:
         print(f"rendering {name} ...", flush=True)
-        rows[name] = render(name, calibration, eval_texts, task_rows)
-        print(json.dumps(rows[name]), flush=True)
+        new[name] = render(name, calibration, eval_texts, task_rows)
+        print(json.dumps(new[name]), flush=True)
+    # Read the index only now, so cards rendered meanwhile by another run are kept.
+    rows = {r["name"]: r for r in json.loads(index_path.read_text())} if index_path.is_file() else {}
+    rows.update(new)
     ordered = [rows[n] for n in EXAMPLES if n in rows]
     index_path.write_text(json.dumps(ordered, indent=2) + "\n")
     (ROOT / "README.md").write_text(write_index(ordered))

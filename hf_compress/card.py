@@ -64,7 +64,7 @@ def _card_data(report: CompressionReport, repo_id: str | None) -> Any:
     base = hub_base_model(report.base_model)
     stages = {registered_techniques()[t["method"]].stage for t in _techniques(report)
               if t["method"] in registered_techniques()}  # fmt: skip
-    name = repo_id.split("/")[-1] if repo_id else f"{Path(report.base_model).name}-hf_compress"
+    name = repo_id.split("/")[-1] if repo_id else f"{Path(base or report.base_model).name}-hf_compress"
     results = []
     if report.fidelity:
         results.append(EvalResult(task_type="feature-extraction", dataset_type="text", dataset_name="evaluation texts",
@@ -102,8 +102,8 @@ def render_card(report: CompressionReport, repo_id: str | None = None, reproduce
     lines = [
         f"# {data.model_name}",
         "",
-        f"A compressed version of [{base}]({_link(base)}) made with [hf_compress](https://github.com/hf-compress/"
-        f"hf-compress) ({steps}). It is {1 / report.size_ratio:.1f}x smaller than the original in memory.",
+        f"A compressed version of [{base}]({_link(base)}) made with hf_compress (`pip install hf-compress`): "
+        f"{steps}. It is {1 / report.size_ratio:.1f}x smaller than the original in memory.",
         "",
         "## How to load",
         "",
