@@ -8,7 +8,9 @@ re-aligns packed tensors read zero-copy from a safetensors mmap. `quantize_on_lo
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -263,8 +265,40 @@ class _QuantizeOnLoad(_conversion_ops_base()):
             tensor._is_hf_initialized = True
         new._is_hf_initialized = True
         replace_module(model, module_name, new)
+        del weight, value, input_dict
+        _release_checkpoint_pages()
         if missing_keys is not None:
             missing_keys.discard(full_layer_name)
             for key in ("weight_packed", "weight_scale", "weight_zero"):
                 missing_keys.discard(f"{module_name}.{key}")
         return {}
+
+
+_MADV_DONTNEED = 4
+
+
+def _release_checkpoint_pages() -> None:
+    """Drop the pages of mmapped ``.safetensors`` shards from this process's resident set (Linux).
+
+    The loader reads every shard through a read-only mmap and keeps the files open until the end, so each page it
+    touched would stay resident and the process would peak at the full float checkpoint size even though every
+    weight is quantized as soon as it arrives. The files do not change, so a dropped page is simply read again if
+    it is ever touched; nothing is lost.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open("/proc/self/maps") as maps:
+            regions = [line.split() for line in maps]
+    except OSError:
+        return
+    for fields in regions:
+        if len(fields) >= 6 and fields[5].endswith(".safetensors"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+    # glibc keeps freed multi-MB blocks of the float weight and its temporaries in its heap (its mmap threshold
+    # grows after the first large free); hand them back so the peak stays one weight, not a heap of old ones.
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
