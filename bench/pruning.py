@@ -1,6 +1,6 @@
 """Head / FFN-neuron pruning figures on MiniLM (all-MiniLM-L6-v2, 6 layers x 12 heads) with Debian package texts.
 
-    python -m bench.pruning             # full run (~15 min on 2 idle CPU cores); takes the shared bench lock for timing
+    python -m bench.pruning             # full run (85 min on the shared 2-core machine at load ~15); locks for timing
     python -m bench.pruning --fast      # smoke run on little data, no latency
 
 Table 1: at 1/3 of heads removed (24 of 72), data-driven importance (Michel et al. mask gradients, with the
