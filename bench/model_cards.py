@@ -93,19 +93,24 @@ def main() -> None:
     from hf_compress.commands import load_rows
 
     task_rows = load_rows("debian")
-    index_path = ROOT / "index.json"
-    new = {}
     for name in args.only or EXAMPLES:
         print(f"rendering {name} ...", flush=True)
-        new[name] = render(name, calibration, eval_texts, task_rows)
-        print(json.dumps(new[name]), flush=True)
-    # Read the index only now, so cards rendered meanwhile by another run are kept.
+        row = render(name, calibration, eval_texts, task_rows)
+        print(json.dumps(row), flush=True)
+        print(update_index(row))
+
+
+def update_index(row: dict) -> str:
+    """Add one card to index.json and the index README right away (read just before writing, so cards rendered
+    meanwhile by another run, or before a later card fails, are kept)."""
+    index_path = ROOT / "index.json"
     rows = {r["name"]: r for r in json.loads(index_path.read_text())} if index_path.is_file() else {}
-    rows.update(new)
+    rows[row["name"]] = row
     ordered = [rows[n] for n in EXAMPLES if n in rows]
     index_path.write_text(json.dumps(ordered, indent=2) + "\n")
-    (ROOT / "README.md").write_text(write_index(ordered))
-    print(write_index(ordered))
+    text = write_index(ordered)
+    (ROOT / "README.md").write_text(text)
+    return text
 
 
 if __name__ == "__main__":

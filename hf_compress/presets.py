@@ -47,11 +47,12 @@ PRESETS: dict[str, Preset] = {
     "max": Preset(
         "1/2 of attention heads and FFN neurons pruned, embeddings factorized as in distil, 4-bit weights: the "
         "smallest model (add distillation to recover quality).",
-        (("head_pruning", {"fraction": 0.5}), ("ffn_pruning", {"fraction": 0.5}),
+        (("head_pruning", {"fraction": 0.5}), ("ffn_pruning", {"fraction": 0.5, "round_to": 64}),
          ("embedding_factorization", {"param_budget": 0.34}), ("weight_quantization", {"bits": 4})),
     ),
 }  # fmt: skip
 DEFAULT_PRESET = "int8"
+# FFN sizes are rounded to multiples of 64 in `max` so that every 4-bit group size (32, 64) divides them.
 
 
 def build_config(method: str, **kwargs: Any) -> TechniqueConfig:
