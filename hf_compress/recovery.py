@@ -47,7 +47,7 @@ def recover(student: nn.Module, teacher: nn.Module, texts: Any, *, tokenizer: An
         remove_columns=["text"],
     )
     has_logits = hasattr(student, "classifier") or hasattr(student, "lm_head")
-    settings = dict(alpha_kl=1.0 if has_logits else 0.0, alpha_cos=1.0, alpha_pooled=1.0)
+    settings = dict(alpha_kl=1.0 if has_logits else 0.0, alpha_task=0.0, alpha_cos=1.0, alpha_pooled=1.0)
     settings.update(kwargs)
     with tempfile.TemporaryDirectory(prefix="hf_compress-recovery-") as scratch:
         args = DistillationArguments(
