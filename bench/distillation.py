@@ -12,11 +12,9 @@ latency is timed with 2 threads under the shared benchmark lock (/tmp/hf_compres
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,31 +27,19 @@ from transformers import (
     TrainingArguments,
 )
 
-from bench.harness import format_table, time_alternately
+from bench.harness import bench_lock, format_table, time_alternately
 from hf_compress.data import DEBIAN_SECTIONS, load_debian, minilm_path
 from hf_compress.distillation import DistillationArguments, DistillationTrainer, make_student
 from hf_compress.utils import count_parameters
 
 
 CACHE = Path(os.environ.get("HF_COMPRESS_BENCH_CACHE", Path.home() / ".cache/hf_compress/bench"))
-LOCK = "/tmp/hf_compress_bench.lock"
 # name -> (initialisation, distil from the teacher?)
 VARIANTS = {
     "distilled": ("make_student", True),
     "labels only": ("make_student", False),
     "random init, distilled": ("random", True),
 }
-
-
-@contextmanager
-def bench_lock():
-    """Hold the shared timing lock (the same file `flock` uses) only while timing, not while training."""
-    with open(LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def tokenized(tokenizer, split: str, max_length: int, limit: int | None = None):

@@ -17,9 +17,7 @@ parameters, bytes, latency (batch 32 x 128, 2 threads, alternating rounds) and c
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import fcntl
 import tempfile
 import time
 import warnings
@@ -27,27 +25,10 @@ import warnings
 import torch
 from transformers import DataCollatorWithPadding, TrainerCallback
 
-from bench.harness import BenchConfig, format_table, load_minilm, run_benchmark
+from bench.harness import BenchConfig, bench_lock, format_table, load_minilm, run_benchmark
 from hf_compress import apply_compression
 from hf_compress.data import load_debian
 from hf_compress.factorization import EmbeddingFactorizationConfig, FactorizedEmbedding, LowRankLinearConfig
-
-
-LOCK = "/tmp/hf_compress_bench.lock"
-
-
-@contextlib.contextmanager
-def bench_lock(enabled: bool):
-    """The machine-wide benchmark lock (the file `flock /tmp/hf_compress_bench.lock ...` takes), held for timing."""
-    if not enabled:
-        yield
-        return
-    with open(LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class _WallClockBudget(TrainerCallback):
@@ -152,7 +133,9 @@ def main() -> None:
         if caught:
             note += f" ({12 - len(ranks)} kept dense)"
         ffn.append((f"FFN energy {energy}", model, note))
-    config = BenchConfig(disk=False, probe=False) if not args.fast else BenchConfig(fidelity_per_section=8, probe=False)
+    config = (
+        BenchConfig(disk=False, probe=False) if not args.fast else BenchConfig(fidelity_per_section=8, probe=False)
+    )
     config.extra_columns = {name: {"layers": note} for name, _, note in ffn}
     with bench_lock(not args.no_lock and not args.fast):
         rows = run_benchmark([(n, m) for n, m, _ in ffn], config, reference=("fp32", base), tokenizer=tokenizer)

@@ -8,6 +8,8 @@ sections. Technique benchmarks (``bench/<technique>.py``) build their variants a
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gc
 import statistics
 import tempfile
@@ -28,7 +30,20 @@ from hf_compress.data import load_debian, minilm_path
 from hf_compress.utils import count_parameters, model_bytes
 
 
-__all__ = ["BenchConfig", "load_minilm", "run_benchmark", "format_table", "embed", "time_alternately"]
+__all__ = [
+    "BenchConfig",
+    "LOCK",
+    "bench_lock",
+    "load_minilm",
+    "run_benchmark",
+    "format_table",
+    "embed",
+    "time_alternately",
+]
+
+# One machine-wide lock for timing, the file `flock /tmp/hf_compress_bench.lock ...` takes too: timings taken while
+# another benchmark runs would measure the contention, not the model.
+LOCK = "/tmp/hf_compress_bench.lock"
 
 ModelOrFactory = nn.Module | Callable[[], nn.Module]
 
@@ -48,6 +63,20 @@ class BenchConfig:
     latency: bool = True
     disk: bool = True
     extra_columns: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def bench_lock(enabled: bool = True):
+    """Hold the machine-wide benchmark lock while timing (a no-op when `enabled` is false)."""
+    if not enabled:
+        yield
+        return
+    with open(LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def load_minilm() -> tuple[nn.Module, Any]:

@@ -17,9 +17,7 @@ Debian train texts), plus gradual pruning (`GradualPruningCallback`) during the 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import fcntl
 import statistics
 import tempfile
 import time
@@ -27,7 +25,7 @@ import time
 import torch
 from transformers import DataCollatorWithPadding
 
-from bench.harness import BenchConfig, format_table, load_minilm, run_benchmark
+from bench.harness import BenchConfig, bench_lock, format_table, load_minilm, run_benchmark
 from hf_compress import apply_compression
 from hf_compress.data import load_debian
 from hf_compress.distillation import DistillationArguments, DistillationTrainer
@@ -39,23 +37,6 @@ from hf_compress.pruning import (
     kept_heads,
 )
 from hf_compress.pruning.apply import plan_heads
-
-
-LOCK = "/tmp/hf_compress_bench.lock"
-
-
-@contextlib.contextmanager
-def bench_lock(enabled: bool):
-    """The machine-wide benchmark lock (same file as `flock /tmp/hf_compress_bench.lock ...`), held only for timing."""
-    if not enabled:
-        yield
-        return
-    with open(LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def calibration_texts(count: int) -> list[str]:

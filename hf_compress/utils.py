@@ -81,6 +81,8 @@ def model_bytes(model: nn.Module) -> int:
 def _unique_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
     seen: set[int] = set()
     for tensor in model.state_dict(keep_vars=True).values():
+        if not torch.is_tensor(tensor):  # torch.ao dynamic modules keep dtypes and packed params in state_dict
+            continue
         key = tensor.data_ptr() if tensor.device.type != "meta" else id(tensor)
         if key in seen:
             continue
