@@ -156,6 +156,14 @@ def test_quant_linear_kernels_match_dequantized_weight(bits, group, symmetric, r
     assert layer.logical_numel() == 64 * 128 + 64
 
 
+def test_int8_few_rows_with_width_not_multiple_of_16_falls_back_instead_of_crashing():
+    # torch._weight_int8pack_mm segfaults on CPU for in_features % 16 != 0 (e.g. 3 pruned heads of 8 dims = 24).
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(nn.Linear(24, 16), bits=8)
+    x2 = torch.randn(2, 24).to(torch.bfloat16)
+    torch.testing.assert_close(quantized_matmul(layer, x2).float(), _dense(layer, x2).float(), atol=0.05, rtol=0.02)
+
+
 def test_dynamic_int8_activations_close_to_weight_only():
     torch.manual_seed(0)
     linear = nn.Linear(128, 64)

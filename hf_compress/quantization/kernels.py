@@ -82,6 +82,9 @@ def _dense(layer: QuantLinear, x2: torch.Tensor) -> torch.Tensor:
 def _int8_packed(layer: QuantLinear, x2: torch.Tensor) -> torch.Tensor:
     if layer.group_size != layer.in_features:
         raise NotImplementedError("int8 packed kernel takes one scale per output channel")
+    if x2.device.type == "cpu" and layer.in_features % 16:
+        # The CPU kernel reads 16 columns at a time and segfaults (uncatchable) otherwise, e.g. on pruned head dims.
+        raise NotImplementedError("int8 packed CPU kernel needs in_features divisible by 16")
     scale = layer.weight_scale[:, 0].to(x2.dtype)
     out = torch._weight_int8pack_mm(x2, layer.weight_packed, scale)
     if layer.weight_zero is not None:
