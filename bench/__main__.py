@@ -1,7 +1,7 @@
 """The baseline benchmark: fp32 MiniLM (and a bf16 cast, the reference every technique must beat).
 
-    python -m bench            # full run (a few minutes on 2 CPU cores)
-    python -m bench --fast     # smoke run on less data
+python -m bench            # full run (a few minutes on 2 CPU cores)
+python -m bench --fast     # smoke run on less data
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ for _name in _TECHNIQUE_PACKAGES:
 # this line never does itself (see hf_compress/peft_integration.py).
 from .peft_integration import install as _install_peft  # noqa: E402
 
+
 _install_peft()
 
 # Public names that live in submodules with heavier imports, loaded on first access (PEP 562).

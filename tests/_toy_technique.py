@@ -63,5 +63,7 @@ def restructure(model, config):
 
 if "toy_ffn_slice" not in registered_techniques():
     register_technique(
-        Technique(name="toy_ffn_slice", config_cls=ToyFFNSliceConfig, stage="prune", apply=apply, restructure=restructure)
+        Technique(
+            name="toy_ffn_slice", config_cls=ToyFFNSliceConfig, stage="prune", apply=apply, restructure=restructure
+        )
     )

@@ -67,7 +67,10 @@ def test_canonical_order_is_enforced():
 
     register_technique(
         Technique(
-            name="toy_late_stage", config_cls=LateConfig, stage="quantize", apply=lambda m, c, **k: c,
+            name="toy_late_stage",
+            config_cls=LateConfig,
+            stage="quantize",
+            apply=lambda m, c, **k: c,
             restructure=lambda m, c: None,
         )
     )
@@ -80,7 +83,10 @@ def test_canonical_order_is_enforced():
 def test_registering_a_different_technique_under_a_taken_name_fails():
     existing = get_technique("toy_ffn_slice")
     clash = Technique(
-        name="toy_ffn_slice", config_cls=ToyFFNSliceConfig, stage="prune", apply=lambda m, c, **k: c,
+        name="toy_ffn_slice",
+        config_cls=ToyFFNSliceConfig,
+        stage="prune",
+        apply=lambda m, c, **k: c,
         restructure=lambda m, c: None,
     )
     with pytest.raises(KeyError, match="already registered"):
