@@ -189,8 +189,13 @@ def run_benchmark(
     rows = []
     ref_test = embed(models[ref_name], tokenizer, test_texts, config.max_length)
     ref_bytes = model_bytes(models[ref_name])
+    failed: dict[str, str] = {}
     for name, model in tqdm(models.items(), desc="fidelity + probe", leave=False):
-        test_emb = ref_test if name == ref_name else embed(model, tokenizer, test_texts, config.max_length)
+        try:
+            test_emb = ref_test if name == ref_name else embed(model, tokenizer, test_texts, config.max_length)
+        except Exception as err:  # a peer that builds but breaks on real batches is reported, not fatal
+            failed[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:100]}"
+            continue
         cos = torch.nn.functional.cosine_similarity(test_emb, ref_test, dim=-1).numpy()
         row = {
             "variant": name,
@@ -228,9 +233,11 @@ def run_benchmark(
 
             return run
 
-        ratios = time_alternately({n: forward(m) for n, m in models.items()}, config.latency_rounds, ref_name)
+        timed = {n: forward(m) for n, m in models.items() if n not in failed}
+        ratios = time_alternately(timed, config.latency_rounds, ref_name)
         for row in rows:
             row["latency vs fp32"] = ratios[row["variant"]]
+    rows.extend({"variant": f"{name} (failed while measuring: {reason})"} for name, reason in failed.items())
     return rows
 
 
