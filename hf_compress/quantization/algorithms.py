@@ -120,12 +120,7 @@ def _least_squares(w: torch.Tensor, bits: int, symmetric: bool, grid: int = 10, 
     best_err, _ = _error(w, best_scale, best_zero, bits)
     for ratio in torch.linspace(0.95, 0.55, grid - 1).tolist():
         scale, zero = _minmax(w, bits, symmetric, ratio)
-        err, _ = _error(w, scale, zero, bits)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        if zero is not None:
-            best_zero = torch.where(better, zero, best_zero)
+        best_err, best_scale, best_zero = _keep_better(w, bits, (scale, zero), (best_err, best_scale, best_zero))
     scale, zero = best_scale, best_zero
     for _ in range(iters):
         _, q = _error(w, scale, zero, bits)
@@ -142,13 +137,18 @@ def _least_squares(w: torch.Tensor, bits: int, symmetric: bool, grid: int = 10, 
             new_scale = torch.where(ok, new_scale, scale)
             new_zero = torch.where(ok, wm - new_scale * qm, zero)
         new_scale = torch.where(ok, new_scale, scale)
-        err, _ = _error(w, new_scale, new_zero, bits)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        scale = torch.where(better, new_scale, scale)
-        if zero is not None:
-            zero = torch.where(better, new_zero, zero)
+        best_err, scale, zero = _keep_better(w, bits, (new_scale, new_zero), (best_err, scale, zero))
     return scale, zero
+
+
+def _keep_better(w, bits, candidate, best):
+    """Per row/group, keep whichever of `candidate` (scale, zero) and `best` (err, scale, zero) has less error."""
+    scale, zero = candidate
+    best_err, best_scale, best_zero = best
+    err, _ = _error(w, scale, zero, bits)
+    better = err < best_err
+    best_zero = torch.where(better, zero, best_zero) if zero is not None else best_zero
+    return torch.where(better, err, best_err), torch.where(better, scale, best_scale), best_zero
 
 
 def _hqq(w: torch.Tensor, bits: int, symmetric: bool, iters: int = 20, p: float = 0.7, beta: float = 10.0):
