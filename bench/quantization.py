@@ -5,7 +5,9 @@
     flock /tmp/hf_compress_bench.lock python -m bench.quantization   # timings others do not disturb
 
 Peers come from the ``bench`` extra (torchao, optimum-quanto, hqq, bitsandbytes); a peer that cannot be installed or
-run on this machine is listed under the table with the reason.
+run on this machine is listed under the table with the reason. Peers compute in the same dtype hf_compress picks for
+this machine (`preferred_compute_dtype`: bf16 where it is native, else float32), so nobody is slowed down by an
+emulated dtype; the "bf16 cast" row is the plain bf16 model whatever the machine.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from bench.harness import BenchConfig, format_table, load_minilm, run_benchmark
 from hf_compress import apply_compression
 from hf_compress.data import load_debian
 from hf_compress.quantization import WeightQuantizationConfig
+from hf_compress.quantization.kernels import preferred_compute_dtype
 
 
 def _replace_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> nn.Module:
@@ -42,21 +45,14 @@ def hf_compress_variant(base, calibration, **kwargs) -> Callable[[], nn.Module]:
     return build
 
 
-def with_dynamic_activations(model: nn.Module) -> nn.Module:
-    """The same int8 weights, run with per-token int8 activations (what ``activations="int8_dynamic"`` builds)."""
-    from hf_compress.quantization import QuantLinear
-
-    model = copy.deepcopy(model)
-    for module in model.modules():
-        if isinstance(module, QuantLinear) and module.bits == 8 and module.symmetric:
-            module.activations = "int8_dynamic"
-    model.config.quantization_config.techniques[-1].activations = "int8_dynamic"
-    return model
-
-
 def peers(base) -> dict[str, Callable[[], nn.Module]]:
+    compute = preferred_compute_dtype("cpu")
+
     def bf16():
         return copy.deepcopy(base).to(torch.bfloat16)
+
+    def in_compute_dtype():
+        return copy.deepcopy(base).to(compute)
 
     def torch_ao_dynamic():
         model = torch.ao.quantization.quantize_dynamic(copy.deepcopy(base), {nn.Linear}, dtype=torch.qint8)
@@ -70,7 +66,7 @@ def peers(base) -> dict[str, Callable[[], nn.Module]]:
         def build():
             import torchao.quantization as tq
 
-            model = bf16()
+            model = bf16() if config_name.startswith("Int4") else in_compute_dtype()  # its int4 kernel wants bf16
             tq.quantize_(model, getattr(tq, config_name)(**kwargs))
             return model
 
@@ -80,7 +76,7 @@ def peers(base) -> dict[str, Callable[[], nn.Module]]:
         def build():
             from optimum.quanto import freeze, qint4, qint8, quantize
 
-            model = bf16()
+            model = in_compute_dtype()
             quantize(model, weights=qint8 if bits == 8 else qint4)
             freeze(model)
             return model
@@ -93,8 +89,8 @@ def peers(base) -> dict[str, Callable[[], nn.Module]]:
 
             HQQLinear.set_backend(HQQBackend.PYTORCH)
             config = BaseQuantizeConfig(nbits=bits, group_size=group)
-            make = lambda lin: HQQLinear(lin, config, compute_dtype=torch.bfloat16, device="cpu")  # noqa: E731
-            return _replace_linears(bf16(), make)
+            make = lambda lin: HQQLinear(lin, config, compute_dtype=compute, device="cpu")  # noqa: E731
+            return _replace_linears(in_compute_dtype(), make)
 
         return build
 
@@ -103,9 +99,7 @@ def peers(base) -> dict[str, Callable[[], nn.Module]]:
 
         from hf_compress.data import minilm_path
 
-        config = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-        )
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
         return AutoModel.from_pretrained(minilm_path(), quantization_config=config, device_map="cpu").eval()
 
     return {
@@ -136,15 +130,18 @@ def main(argv: list[str] | None = None) -> None:
     calibration = [row["text"] for row in load_debian("train", per_section=11)][:128]
     factories = {
         "hf_compress int8": hf_compress_variant(base, calibration, bits=8),
+        "hf_compress int8 (no calibration)": hf_compress_variant(base, None, bits=8),
         "hf_compress int4 g32": hf_compress_variant(base, calibration, bits=4),
         "hf_compress int4 g32 (no calibration)": hf_compress_variant(base, None, bits=4),
     }
-    factories["hf_compress int8 dynamic act."] = lambda: with_dynamic_activations(built["hf_compress int8"])
+    factories["hf_compress int8 dynamic act."] = hf_compress_variant(
+        base, calibration, bits=8, activations="int8_dynamic"
+    )
     candidates = peers(base)
     if args.no_peers:
         candidates = {"bf16 cast": candidates["bf16 cast"]}
     factories = {**candidates, **factories}
-    variants, failed, extra, built = [], [], {}, {}
+    variants, failed, extra = [], [], {}
     for name, factory in factories.items():
         start = time.perf_counter()
         try:
@@ -157,7 +154,6 @@ def main(argv: list[str] | None = None) -> None:
             continue
         extra[name] = {"build (s)": time.perf_counter() - start}
         variants.append((name, model))
-        built[name] = model
     config.extra_columns = extra
     rows = run_benchmark(variants, config, reference=("fp32", base), tokenizer=tokenizer)
     title = f"MiniLM-L6 weight quantization (batch {config.latency_batch} x {config.latency_seq}, {config.threads} threads)"

@@ -46,7 +46,7 @@ class QuantLoraLinear(LoraLinear):
     def _get_base_layer_device_and_dtype(self, base_layer):
         # Read from the scales: `base_layer.weight` would dequantize the whole matrix just to learn its dtype.
         if isinstance(base_layer, QuantLinear):
-            return base_layer.weight_scale.device, base_layer.weight_scale.dtype
+            return base_layer.weight_scale.device, base_layer.compute_dtype
         return super()._get_base_layer_device_and_dtype(base_layer)
 
     def _requantize(self, weight: torch.Tensor) -> None:

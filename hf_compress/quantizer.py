@@ -51,14 +51,21 @@ class HfCompressQuantizer(HfQuantizer):
             sub.__dict__.pop("attn_implementation", None)
         return config
 
+    def update_device_map(self, device_map):
+        # Remembered for `update_dtype`: "auto" compute dtypes depend on where the model will run.
+        placed = device_map.values() if isinstance(device_map, dict) else [device_map]
+        on_cpu = all(d is None or str(d) in ("cpu", "disk") for d in placed)
+        self._target_device = "cpu" if on_cpu else "cuda"
+        return device_map
+
     def update_dtype(self, dtype):
-        # A quantized checkpoint is rebuilt in the dtype it was saved in (its scales and leftover float weights are
-        # stored in the technique's compute dtype); the default float32 would double the leftovers and slow them.
+        # A quantized checkpoint is rebuilt in its technique's compute dtype for the target device: the leftover float
+        # weights follow it (scales keep the dtype they were saved in, see `QuantLinear`).
         if self.pre_quantized:
             for technique_config in self.quantization_config.techniques:
                 model_dtype = getattr(technique_config, "model_dtype", None)
                 if model_dtype is not None:
-                    return model_dtype
+                    return model_dtype(getattr(self, "_target_device", "cpu"))
         return dtype
 
     # -- on the empty skeleton ---------------------------------------------------------------------------------------

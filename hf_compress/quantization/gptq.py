@@ -123,14 +123,12 @@ def gptq_quantize(
     mse_config = type(config)(**{**config.__dict__, "algorithm": "mse", "modules": None})
     for name, spec in specs.items():
         module = model.get_submodule(name)
-        new = _new_module(module, spec, config, module.weight.device)
+        new = _new_module(module, spec, config, module.weight.device, module.weight.dtype)
         if spec.kind == "embedding":
             _quantize_into(new, module.weight, None, spec, mse_config, name)
         else:
             weight = module.weight.t() if spec.kind == "conv1d" else module.weight
-            new.load_quantized(
-                gptq_weight(weight, hessians.pop(name), spec, config.damp, config.torch_compute_dtype, name)
-            )
+            new.load_quantized(gptq_weight(weight, hessians.pop(name), spec, config.damp, config.scale_dtype, name))
             if module.bias is not None:
                 new.bias = nn.Parameter(module.bias.detach().to(new.bias.dtype))
         replace_module(model, name, new)

@@ -1,14 +1,15 @@
 """Matmul kernels for packed weights, chosen per call by device and number of rows.
 
-Measured on a 2-core AVX-512 CPU (see ``shared/TRANSFORMERS5.md`` and ``bench/quantization.py``): bf16 dense GEMMs
-are ~4.5x faster than fp32 ones, so everything computes in the compute dtype (bf16 by default).
+The compute dtype follows the machine (`preferred_compute_dtype`): bf16 where bf16 matmuls are native (CUDA, CPUs
+with AVX512-BF16 / AMX), float32 on other CPUs, where bf16 GEMMs are emulated and measured ~4x slower than fp32.
 
 - Many rows (encoders, prefill): dequantize to the compute dtype and run one dense GEMM. For 8-bit per-channel
-  weights the scale is applied to the GEMM *output* instead (``(x @ q^T) * s``), which saves one pass over the weight.
+  weights and fewer rows than input features the scale is applied to the (smaller) GEMM output instead.
 - Few rows (decoding): torch's packed kernels read 1 or 0.5 byte per weight: ``_weight_int8pack_mm`` and
-  ``_weight_int4pack_mm_for_cpu`` (``_weight_int4pack_mm`` on CUDA), several times faster than dequantizing.
+  ``_weight_int4pack_mm_for_cpu`` (``_weight_int4pack_mm`` on CUDA), several times faster than dequantizing. They
+  run on bf16 activations (float32 inputs are cast: the CPU int8 kernel is ~14x slower on float32 ones).
 - Opt-in dynamic int8 activations: per-token int8 quantization of the input and an int8 x int8 -> int32 GEMM
-  (``torch._int_mm``); the fastest choice for many rows.
+  (``torch._int_mm``, ~4x faster than an fp32 GEMM on the measured CPU); the fastest choice for many rows.
 
 Every specialised path falls back to dequantize + dense GEMM when the kernel is missing or rejects the shapes, so a
 layer always runs. The CUDA branches follow torch's documented kernel contracts but were not run on a GPU here.
@@ -28,16 +29,32 @@ if TYPE_CHECKING:
     from .layer import QuantLinear
 
 
-__all__ = ["quantized_matmul", "dequantized_weight", "SMALL_M"]
+__all__ = ["quantized_matmul", "dequantized_weight", "preferred_compute_dtype", "SMALL_M"]
 
 # At or below this many rows the packed kernels beat dequantize + GEMM on the measured CPU (crossover ~32-64).
 SMALL_M = 32
 _INT4_GROUPS = (32, 64, 128, 256)
 
 
+def preferred_compute_dtype(device: torch.device | str | None = None) -> torch.dtype:
+    """bfloat16 where bf16 matmuls are native and fast, else float32 (what ``compute_dtype="auto"`` resolves to).
+
+    Checked on the machine that runs the model: CUDA (bf16 if the GPU supports it, else float16) or the CPU's
+    AVX512-BF16 / AMX flags. Without them (older x86, most ARM builds of torch) bf16 is emulated and slower than fp32.
+    """
+    device_type = torch.device(device).type if device is not None else "cpu"
+    if device_type == "cuda" and torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    cpu = getattr(torch, "cpu", None)
+    native = any(
+        getattr(cpu, flag, lambda: False)() for flag in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+    return torch.bfloat16 if native else torch.float32
+
+
 def dequantized_weight(layer: QuantLinear, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The ``[out, in]`` float weight that `layer` represents, in `dtype` (default: its compute dtype)."""
-    dtype = dtype or layer.weight_scale.dtype
+    dtype = dtype or layer.compute_dtype
     q = unpack(layer.weight_packed, layer.bits)
     return dequantize_groups(q, layer.weight_scale, layer.weight_zero, dtype)
 
@@ -51,9 +68,11 @@ def quantized_matmul(layer: QuantLinear, x2: torch.Tensor) -> torch.Tensor:
             return out
     if rows <= SMALL_M:
         kernel = _int8_packed if layer.bits == 8 else _int4_packed
-        out = _try(kernel, layer, x2)
+        # The packed CPU kernels are fast on bf16 activations only; a few rows lose nothing by the round trip.
+        xk = x2.to(torch.bfloat16) if x2.dtype == torch.float32 and x2.device.type == "cpu" else x2
+        out = _try(kernel, layer, xk)
         if out is not None:
-            return out
+            return out.to(x2.dtype)
     return _dense(layer, x2)
 
 
@@ -70,8 +89,9 @@ def _try(kernel, layer: QuantLinear, x2: torch.Tensor) -> torch.Tensor | None:
 
 
 def _dense(layer: QuantLinear, x2: torch.Tensor) -> torch.Tensor:
-    if layer.bits == 8 and layer.group_size == layer.in_features:
-        # Per-channel 8-bit: x @ (q * s)^T == (x @ q^T) * s, so only the int8 -> float cast touches the weight.
+    if layer.bits == 8 and layer.group_size == layer.in_features and x2.shape[0] < layer.in_features:
+        # Per-channel 8-bit: x @ (q * s)^T == (x @ q^T) * s, so only the int8 -> float cast touches the weight. With
+        # more rows than input features the output is larger than the weight, and scaling the weight is cheaper.
         out = F.linear(x2, layer.weight_packed.to(x2.dtype)) * layer.weight_scale[:, 0].to(x2.dtype)
         if layer.weight_zero is not None:
             out = out + x2.sum(-1, keepdim=True) * layer.weight_zero[:, 0].to(x2.dtype)
@@ -118,10 +138,13 @@ def _int4_kernel_layout(layer: QuantLinear, device: torch.device) -> tuple[torch
 
 
 def _dynamic_int8(layer: QuantLinear, x2: torch.Tensor) -> torch.Tensor:
+    if layer.group_size != layer.in_features or layer.weight_zero is not None:
+        raise NotImplementedError("int8 x int8 matmuls take symmetric weights with one scale per output channel")
     if x2.device.type == "cuda" and (x2.shape[0] <= 16 or x2.shape[1] % 8 or layer.out_features % 8):
         raise NotImplementedError("torch._int_mm on CUDA needs rows > 16 and features divisible by 8")
     # Per-token scales keep one outlier token from flattening everyone else's resolution.
-    x_scale = x2.abs().amax(-1, keepdim=True).float().clamp(min=1e-8) / 127.0
+    x_scale = x2.abs().amax(-1, keepdim=True).float().clamp_(min=1e-8).div_(127.0)
     xq = torch.round(x2.float() / x_scale).to(torch.int8)
     acc = torch._int_mm(xq, layer.weight_packed.t())
-    return (acc.float() * x_scale * layer.weight_scale[:, 0].float()).to(x2.dtype)
+    # Cast first, then scale in place: a mixed int32 x float multiply is not vectorised and costs ~10x more.
+    return acc.float().mul_(x_scale).mul_(layer.weight_scale[:, 0].float()).to(x2.dtype)

@@ -26,6 +26,9 @@ class _QuantizedBuffers(nn.Module):
     in_features: int
 
     def _allocate(self, rows: int, cols: int, symmetric: bool, dtype: torch.dtype, device=None) -> None:
+        # Scales are stored in `dtype`; the forward pass computes in `compute_dtype`, a plain attribute set by
+        # hf_compress to the machine's fast dtype (see `kernels.preferred_compute_dtype`) and kept by `.to(dtype)`.
+        self.compute_dtype = dtype
         packed_shape = (rows, cols) if self.bits == 8 else (rows, cols // 2)
         packed_dtype = torch.int8 if self.bits == 8 else torch.uint8
         self.register_buffer("weight_packed", torch.zeros(packed_shape, dtype=packed_dtype, device=device))
@@ -64,9 +67,13 @@ class _QuantizedBuffers(nn.Module):
         return rows * self.in_features + (bias.numel() if bias is not None else 0)
 
     def _apply(self, fn, recurse=True):
-        # `.to(device)` / `.to(bfloat16)` must not invalidate kernel layouts silently: rebuild them lazily.
+        # `.to(device)` / `.to(bfloat16)` must not invalidate kernel layouts silently: rebuild them lazily. A float
+        # cast of the module (`model.half()`, `.to(torch.bfloat16)`) also changes the compute dtype.
         out = super()._apply(fn, recurse)
         self._kernel_cache = {}
+        probe = fn(torch.empty(0, dtype=self.compute_dtype))
+        if probe.is_floating_point():
+            self.compute_dtype = probe.dtype
         return out
 
 
@@ -87,7 +94,8 @@ class _QuantMatmul(torch.autograd.Function):
 class QuantLinear(_QuantizedBuffers):
     """A linear layer whose weight is stored as packed int8 or int4 with group-wise scales.
 
-    The forward pass computes in the scales' dtype (bf16 by default) and returns the input's dtype. The weight is
+    The forward pass computes in `compute_dtype` (float32 or bf16, whichever is fast on the machine; see
+    `kernels.preferred_compute_dtype`) and returns the input's dtype. The weight is
     frozen; gradients flow to the input and to the bias, so adapters (LoRA) can be trained on top of it.
 
     Args:
@@ -97,7 +105,8 @@ class QuantLinear(_QuantizedBuffers):
         group_size (`int`, *optional*): input features per scale; the whole row when omitted.
         symmetric (`bool`, *optional*, defaults to `True`): without zero offsets.
         activations (`str`, *optional*): ``"int8_dynamic"`` for int8 x int8 matmuls with per-token scales.
-        dtype (`torch.dtype`, *optional*, defaults to `torch.bfloat16`): compute dtype (scales, bias).
+        dtype (`torch.dtype`, *optional*, defaults to `torch.bfloat16`): dtype of the scales.
+        compute_dtype (`torch.dtype`, *optional*): dtype of the matmuls and of the bias; defaults to `dtype`.
         device (`torch.device`, *optional*): where to allocate (``"meta"`` for a skeleton).
 
     Example:
@@ -120,13 +129,15 @@ class QuantLinear(_QuantizedBuffers):
         activations: str | None = None,
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size or in_features
         self.activations = activations
         self._allocate(out_features, in_features, symmetric, dtype, device)
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self.compute_dtype = compute_dtype or dtype
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=self.compute_dtype, device=device)) if bias else None
 
     @classmethod
     def from_float(
@@ -140,6 +151,7 @@ class QuantLinear(_QuantizedBuffers):
         dtype: torch.dtype = torch.bfloat16,
         name: str = "linear",
         quantized: QuantizedWeight | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> QuantLinear:
         """Quantize an `nn.Linear` (or a GPT-2 ``Conv1D``, whose weight is stored ``[in, out]``)."""
         weight = module.weight.detach()
@@ -156,6 +168,7 @@ class QuantLinear(_QuantizedBuffers):
             activations,
             dtype,
             device=weight.device,
+            compute_dtype=compute_dtype,
         )
         if quantized is None:
             from .algorithms import quantize_weight
@@ -164,7 +177,7 @@ class QuantLinear(_QuantizedBuffers):
         layer.load_quantized(quantized)
         if module.bias is not None:
             with torch.no_grad():
-                layer.bias.copy_(module.bias.detach().to(dtype))
+                layer.bias.copy_(module.bias.detach().to(layer.compute_dtype))
         return layer
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -177,7 +190,7 @@ class QuantLinear(_QuantizedBuffers):
         return self.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        compute = self.weight_scale.dtype
+        compute = self.compute_dtype
         x2 = x.reshape(-1, self.in_features).to(compute)
         if torch.is_grad_enabled() and x2.requires_grad:
             out = _QuantMatmul.apply(x2, self)
@@ -203,6 +216,8 @@ class QuantEmbedding(_QuantizedBuffers):
         num_embeddings (`int`), embedding_dim (`int`): the table's shape.
         bits, group_size, symmetric, dtype, device: as for `QuantLinear` (groups run along `embedding_dim`).
         padding_idx (`int`, *optional*): kept for code that reads it; the row itself is quantized like the others.
+
+    Looked-up rows come out in `compute_dtype` (defaults to `dtype`; hf_compress sets it to the model's dtype).
     """
 
     def __init__(
@@ -241,8 +256,9 @@ class QuantEmbedding(_QuantizedBuffers):
         return layer
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The float ``[num_embeddings, embedding_dim]`` table."""
-        return dequantize_groups(unpack(self.weight_packed, self.bits), self.weight_scale, self.weight_zero, dtype)
+        """The float ``[num_embeddings, embedding_dim]`` table (in `dtype`, default the compute dtype)."""
+        q = unpack(self.weight_packed, self.bits)
+        return dequantize_groups(q, self.weight_scale, self.weight_zero, dtype or self.compute_dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -251,7 +267,8 @@ class QuantEmbedding(_QuantizedBuffers):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         zero = None if self.weight_zero is None else self.weight_zero[ids]
-        return dequantize_groups(unpack(self.weight_packed[ids], self.bits), self.weight_scale[ids], zero)
+        q = unpack(self.weight_packed[ids], self.bits)
+        return dequantize_groups(q, self.weight_scale[ids], zero, self.compute_dtype)
 
     def extra_repr(self) -> str:
         mode = "symmetric" if self.symmetric else "asymmetric"

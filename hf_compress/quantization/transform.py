@@ -86,6 +86,15 @@ def _tied_skip(model: nn.Module) -> set[int]:
     return skip
 
 
+def _is_decoder(model: nn.Module) -> bool:
+    """A generative model (decoding runs few rows at a time): a decoder family or any model that can generate."""
+    from ..adapters import ADAPTERS
+
+    adapter = ADAPTERS.get(getattr(getattr(model, "config", None), "model_type", None))
+    can_generate = getattr(model, "can_generate", None)
+    return bool((adapter is not None and adapter.decoder) or (callable(can_generate) and can_generate()))
+
+
 def plan(model: nn.Module, config: WeightQuantizationConfig) -> dict[str, ModuleSpec]:
     """Full module name -> `ModuleSpec` for every module `config` selects in `model` (checked shapes)."""
     if config.modules is not None:
@@ -95,13 +104,14 @@ def plan(model: nn.Module, config: WeightQuantizationConfig) -> dict[str, Module
     if config.quantize_embeddings:
         types += (nn.Embedding,)
     skip = _tied_skip(model)
+    decoder = _is_decoder(model)
     chosen = {}
     for name, module in select_modules(model, types, config.target_modules, config.exclude_modules):
         if id(module) in skip or isinstance(module, (QuantLinear, QuantEmbedding)):
             continue
         kind = _kind(module)
         in_features = module.weight.shape[0] if kind == "conv1d" else module.weight.shape[1]
-        chosen[name] = config.spec_for(name, kind, in_features)
+        chosen[name] = config.spec_for(name, kind, in_features, decoder)
     if not chosen:
         raise ValueError(
             f"No module of {type(model).__name__} was selected for quantization (target_modules="
@@ -111,10 +121,12 @@ def plan(model: nn.Module, config: WeightQuantizationConfig) -> dict[str, Module
     return chosen
 
 
-def _new_module(module: nn.Module, spec: ModuleSpec, config: WeightQuantizationConfig, device) -> nn.Module:
-    dtype = config.torch_compute_dtype
+def _new_module(
+    module: nn.Module, spec: ModuleSpec, config: WeightQuantizationConfig, device, compute_dtype: torch.dtype
+) -> nn.Module:
+    dtype = config.scale_dtype
     if spec.kind == "embedding":
-        return QuantEmbedding(
+        embedding = QuantEmbedding(
             module.num_embeddings,
             module.embedding_dim,
             spec.bits,
@@ -124,6 +136,8 @@ def _new_module(module: nn.Module, spec: ModuleSpec, config: WeightQuantizationC
             device,
             module.padding_idx,
         )
+        embedding.compute_dtype = compute_dtype
+        return embedding
     rows, cols = module.weight.shape
     in_features, out_features = (rows, cols) if spec.kind == "conv1d" else (cols, rows)
     activations = config.activations if spec.bits == 8 and spec.symmetric else None
@@ -137,6 +151,7 @@ def _new_module(module: nn.Module, spec: ModuleSpec, config: WeightQuantizationC
         activations,
         dtype,
         device,
+        compute_dtype,
     )
 
 
@@ -145,7 +160,7 @@ def _quantize_into(new: nn.Module, weight: torch.Tensor, bias: torch.Tensor | No
     if spec.kind == "conv1d":
         weight = weight.t()
     quantized = quantize_weight(
-        weight, spec.bits, spec.group_size, spec.symmetric, config.algorithm, config.torch_compute_dtype, name
+        weight, spec.bits, spec.group_size, spec.symmetric, config.algorithm, config.scale_dtype, name
     )
     new.load_quantized(quantized)
     if bias is not None and bias.device.type != "meta":
@@ -154,27 +169,36 @@ def _quantize_into(new: nn.Module, weight: torch.Tensor, bias: torch.Tensor | No
 
 @torch.no_grad()
 def cast_floats(model: nn.Module, dtype: torch.dtype) -> None:
-    """Cast float parameters and *persistent* buffers to `dtype`.
+    """Cast the model's float weights to the compute `dtype`, and set it as every quantized module's compute dtype.
 
-    Non-persistent buffers (rotary ``inv_freq``, ...) are rebuilt by the model in float32 when it is reloaded, so
-    they keep their dtype here too: otherwise the reloaded model would not compute exactly what was saved.
+    Scales and zero offsets of quantized modules keep their storage dtype. Non-persistent buffers (rotary
+    ``inv_freq``, ...) are rebuilt by the model in float32 when it is reloaded, so they keep their dtype here too:
+    otherwise the reloaded model would not compute exactly what was saved.
     """
     for module in model.modules():
+        quantized = isinstance(module, (QuantLinear, QuantEmbedding))
+        if quantized:
+            module.compute_dtype = dtype
         for param in module.parameters(recurse=False):
             if param.is_floating_point() and param.dtype != dtype:
                 param.data = param.data.to(dtype)
         for name, buffer in module.named_buffers(recurse=False):
-            if buffer.is_floating_point() and name not in module._non_persistent_buffers_set:
+            if buffer.is_floating_point() and not quantized and name not in module._non_persistent_buffers_set:
                 module._buffers[name] = buffer.to(dtype)
     if hasattr(model, "config"):
         model.config.dtype = dtype
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
 def apply(model: PreTrainedModel, config: WeightQuantizationConfig, calibration_data: Any = None):
-    """Quantize `model` in place; every other float weight is cast to ``config.compute_dtype``."""
+    """Quantize `model` in place; every other float weight is cast to the compute dtype (`compute_dtype_for`)."""
     if config.algorithm == "auto":
         config = dataclasses.replace(config, algorithm="gptq" if calibration_data is not None else "mse")
     specs = plan(model, config)
+    compute_dtype = config.compute_dtype_for(_device(model))
     if config.algorithm == "gptq":
         from .gptq import gptq_quantize
 
@@ -182,10 +206,10 @@ def apply(model: PreTrainedModel, config: WeightQuantizationConfig, calibration_
     else:
         for name, spec in specs.items():
             module = model.get_submodule(name)
-            new = _new_module(module, spec, config, module.weight.device)
+            new = _new_module(module, spec, config, module.weight.device, compute_dtype)
             _quantize_into(new, module.weight, getattr(module, "bias", None), spec, config, name)
             replace_module(model, name, new)
-    cast_floats(model, config.torch_compute_dtype)
+    cast_floats(model, compute_dtype)
     modules = {stored_name(model, name): spec.to_list() for name, spec in specs.items()}
     return dataclasses.replace(config, modules=modules)
 
@@ -194,14 +218,19 @@ def restructure(model: PreTrainedModel, config: WeightQuantizationConfig) -> Non
     """Swap in empty `QuantLinear` / `QuantEmbedding` modules of the recorded shapes (no weight is computed)."""
     for name, spec in plan(model, config).items():
         module = model.get_submodule(name)
-        replace_module(model, name, _new_module(module, spec, config, module.weight.device))
+        dtype = module.weight.dtype
+        replace_module(model, name, _new_module(module, spec, config, module.weight.device, dtype))
 
 
 def after_load(model: PreTrainedModel, config: WeightQuantizationConfig) -> None:
-    """Re-align packed tensors (mmap loads can leave them 8-byte aligned, which crashes the int8 kernel)."""
+    """Re-align packed tensors (mmap loads can leave them 8-byte aligned, which crashes the int8 kernel) and give
+    every quantized module the dtype the loader chose for the model (the plugin's `update_dtype`)."""
+    dtype = getattr(getattr(model, "config", None), "dtype", None)
     for module in model.modules():
         if isinstance(module, (QuantLinear, QuantEmbedding)):
             module.realign_()
+            if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+                module.compute_dtype = dtype
 
 
 def quantize_on_load(config: WeightQuantizationConfig) -> _OnLoadHandler:
@@ -223,11 +252,13 @@ class _OnLoadHandler:
         self.config = config
         self.specs: dict[str, ModuleSpec] = {}
         self.stored: dict[str, list] = {}
+        self.compute_dtype = torch.float32
 
     def prepare(self, model: PreTrainedModel) -> None:
         # The skeleton keeps its float modules (so the loader routes the checkpoint's `.weight` keys to us); each
         # is replaced by its quantized module inside the conversion op, when its weight arrives.
         self.specs = plan(model, self.config)
+        self.compute_dtype = self.config.compute_dtype_for(_device(model))
         self.stored = {stored_name(model, name): spec.to_list() for name, spec in self.specs.items()}
 
     def param_needs_quantization(self, model: PreTrainedModel, param_name: str) -> bool:
@@ -239,7 +270,7 @@ class _OnLoadHandler:
 
     def resolved_config(self, model: PreTrainedModel) -> WeightQuantizationConfig:
         """The resolved config; called once after loading, it also casts the float leftovers to the compute dtype."""
-        cast_floats(model, self.config.torch_compute_dtype)
+        cast_floats(model, self.compute_dtype)
         return dataclasses.replace(self.config, modules=self.stored)
 
 
@@ -259,7 +290,7 @@ class _QuantizeOnLoad(_conversion_ops_base()):
         module_name = full_layer_name.rpartition(".")[0]
         spec = self.handler.specs[module_name]
         old = model.get_submodule(module_name)
-        new = _new_module(old, spec, self.handler.config, weight.device)
+        new = _new_module(old, spec, self.handler.config, weight.device, self.handler.compute_dtype)
         _quantize_into(new, weight, getattr(old, "bias", None), spec, self.handler.config, module_name)
         for tensor in (*new.parameters(), *new.buffers()):
             tensor._is_hf_initialized = True
