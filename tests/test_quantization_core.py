@@ -244,3 +244,19 @@ def test_dynamic_int8_refuses_grouped_scales_and_falls_back():
     # A per-channel int8 x int8 matmul would be wrong here; the dense path gives the dequantized result instead.
     expected = x @ grouped.dequantize(torch.float32).t() + grouped.bias
     torch.testing.assert_close(grouped(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_dynamic_int8_matches_the_eager_kernel():
+    import shutil
+
+    from hf_compress.quantization import kernels
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(nn.Linear(128, 96), bits=8, activations="int8_dynamic", compute_dtype=torch.float32)
+    x = torch.randn(3 * SMALL_M, 128)
+    with torch.no_grad():
+        fused = quantized_matmul(layer, x, layer.bias)
+        eager = kernels._dynamic_int8_eager(x, layer.weight_packed.t(), layer.weight_scale[:, 0], layer.bias)
+    if shutil.which("c++") or shutil.which("g++"):  # torch.compile builds the fused loops with the C++ compiler
+        assert kernels._FUSED.get("fn") is not None
+    torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)

@@ -192,12 +192,12 @@ class QuantLinear(_QuantizedBuffers):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute = self.compute_dtype
         x2 = x.reshape(-1, self.in_features).to(compute)
-        if torch.is_grad_enabled() and x2.requires_grad:
+        bias = None if self.bias is None else self.bias.to(compute)
+        if torch.is_grad_enabled() and (x2.requires_grad or (bias is not None and bias.requires_grad)):
             out = _QuantMatmul.apply(x2, self)
+            out = out if bias is None else out + bias
         else:
-            out = quantized_matmul(self, x2)
-        if self.bias is not None:
-            out = out + self.bias.to(compute)
+            out = quantized_matmul(self, x2, bias)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
