@@ -4,7 +4,8 @@
 
 The compressed model is trained to reproduce the original's hidden states and sentence embeddings on unlabeled
 Debian package descriptions (no labels are used). Fidelity is the harness's: cosine between mean-pooled sentence
-embeddings of the compressed and the original model on Debian test texts (max_length 128).
+embeddings of the compressed and the original model on Debian test texts (max_length 128). The compression and
+the training each run under the shared benchmark lock (one hold per phase), with 2 threads.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from transformers import AutoModel
 
-from bench.harness import embed, format_table, load_minilm
+from bench.harness import bench_lock, embed, format_table, load_minilm
 from hf_compress import apply_compression
 from hf_compress.data import load_debian
 from hf_compress.distillation import DistillationArguments, DistillationTrainer
@@ -31,23 +32,23 @@ def _fidelity(model, reference: torch.Tensor, tokenizer, texts) -> tuple[float, 
     return float(cos.mean()), float(np.percentile(cos, 5))
 
 
-def main(fast: bool = False, steps: int = 120, batch_size: int = 16, max_length: int = 64) -> None:
+def main(fast: bool = False, steps: int = 120, batch_size: int = 16, max_length: int = 64, lock=bench_lock) -> None:
     from datasets import Dataset
 
-    torch.set_num_threads(1)
     teacher, tokenizer = load_minilm()
     train_texts = [r["text"] for r in load_debian("train")]
     test_texts = [r["text"] for r in load_debian("test", per_section=8 if fast else 40)]
     reference = embed(teacher, tokenizer, test_texts)
 
-    start = time.perf_counter()
-    student = apply_compression(
-        copy.deepcopy(teacher),
-        HeadPruningConfig(fraction=1 / 3),
-        EmbeddingFactorizationConfig(rank=128),
-        calibration_data=train_texts[:256],
-    )
-    compress_s = time.perf_counter() - start
+    with lock():
+        start = time.perf_counter()
+        student = apply_compression(
+            copy.deepcopy(teacher),
+            HeadPruningConfig(fraction=1 / 3),
+            EmbeddingFactorizationConfig(rank=128),
+            calibration_data=train_texts[:256],
+        )
+        compress_s = time.perf_counter() - start
     rows = [{"model": "original MiniLM", "params (M)": f"{count_parameters(teacher) / 1e6:.2f}",
              "cos mean": "1.00000", "cos p5": "1.00000", "time (min)": "-"}]  # fmt: skip
     before = _fidelity(student, reference, tokenizer, test_texts)
@@ -67,9 +68,10 @@ def main(fast: bool = False, steps: int = 120, batch_size: int = 16, max_length:
         trainer = DistillationTrainer(
             model=student, teacher=teacher, args=args, train_dataset=data, processing_class=tokenizer
         )
-        start = time.perf_counter()
-        trainer.train()
-        train_s = time.perf_counter() - start
+        with lock():
+            start = time.perf_counter()
+            trainer.train()
+            train_s = time.perf_counter() - start
         student.save_pretrained(out + "/student")
         reloaded = AutoModel.from_pretrained(out + "/student")  # the recovered model reloads with its recipe
     after = _fidelity(reloaded, reference, tokenizer, test_texts)
