@@ -184,9 +184,12 @@ def recover(student: nn.Module, teacher: nn.Module, texts: Any, *, tokenizer: An
         remove_columns=["text"],
     )
     has_logits = hasattr(student, "classifier") or hasattr(student, "lm_head")
-    settings = dict(alpha_kl=1.0 if has_logits else 0.0, alpha_task=0.0, alpha_cos=1.0, alpha_pooled=1.0,
-                    logging_steps=max((max_steps or 100) // 10, 1), disable_tqdm=False, dataloader_pin_memory=False,
-                    train_sampling_strategy="group_by_length")  # fmt: skip  # less padding: more text per second
+    settings = dict(
+        alpha_kl=1.0 if has_logits else 0.0, alpha_task=0.0, alpha_cos=1.0, alpha_pooled=1.0,
+        logging_steps=max((max_steps or 100) // 10, 1), dataloader_pin_memory=False,
+        disable_tqdm=max_steps is None,  # a time budget has no step total: the bar would count to 10**9
+        train_sampling_strategy="group_by_length",  # less padding: more text per second
+    )  # fmt: skip
     settings.update(kwargs)
     schedule = _Schedule(max_steps, max_seconds, warmup)
     trained = {id(p) for _, p in chosen}
