@@ -260,3 +260,14 @@ def test_fused_dynamic_int8_matches_the_eager_kernel():
     if shutil.which("c++") or shutil.which("g++"):  # torch.compile builds the fused loops with the C++ compiler
         assert kernels._FUSED.get("fn") is not None
     torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)
+
+
+def test_int4_cpu_kernel_layout_is_built_in_row_blocks_without_changing_it():
+    from hf_compress.quantization.kernels import _int4_kernel_layout
+    from hf_compress.quantization.packing import unpack_int4_unsigned
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(nn.Linear(64, 4096 + 48), bits=4, group_size=32, symmetric=False)
+    blocked, _ = _int4_kernel_layout(layer, torch.device("cpu"))
+    whole = torch._convert_weight_to_int4pack_for_cpu(unpack_int4_unsigned(layer.weight_packed).to(torch.int32), 2)
+    assert torch.equal(blocked, whole)
