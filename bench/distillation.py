@@ -53,6 +53,7 @@ ABLATION = {
     "no labels (teacher only)": ("make_student", {**RECIPE, "alpha_task": 0.0}, 2e-4),
     "no soft targets": ("make_student", {**RECIPE, "alpha_kl": 0.0}, 2e-4),
     "T = 4": ("make_student", {**RECIPE, "temperature": 4.0}, 2e-4),
+    "T = 1": ("make_student", {**RECIPE, "temperature": 1.0}, 2e-4),
 }
 ALL_VARIANTS = {**VARIANTS, **ABLATION}
 
@@ -293,6 +294,8 @@ def _main_table(teacher_dir: Path, dirs: dict[str, Path], data: dict, opts) -> N
             "acc vs teacher": f"{acc[name][0] / acc[teacher_name][0]:.3f}",
             "latency vs teacher": f"{latency[name]:.3f}",
             "train (min)": f"{result['train_s'] / 60:.1f}",
+            "train CPU (min)": f"{result.get('cpu_s', float('nan')) / 60:.1f}",
+            "mean load": result.get("mean_load", "n/a"),
             "test eval (s)": f"{acc[name][1]:.0f}",
         })  # fmt: skip
     train = sum(_result(f)["train_s"] for f in folders.values())
@@ -302,14 +305,18 @@ def _main_table(teacher_dir: Path, dirs: dict[str, Path], data: dict, opts) -> N
         f"{opts.teacher_epochs:g} epochs, students {opts.student_epochs:g} epochs, {opts.threads} threads; latency: "
         "batch 32 x 128, median of per-round ratios)"
     )))  # fmt: skip
-    print(f"\nwall-clock: training {train / 60:.1f} min in all (per model above, cached runs count their original "
-          f"time); test accuracy + latency timing {measure_s / 60:.1f} min")  # fmt: skip
+    print(
+        f"\nwall-clock: training {train / 60:.1f} min in all (per model above; cached runs count their original time), "
+        f"test accuracy + latency timing {measure_s / 60:.1f} min. train CPU: this process's CPU time; mean load: the "
+        "machine's load average during the run (2 cores: above 2, other work shared the CPU)."
+    )
 
 
 def _ablation_table(teacher_dir: Path, dirs: dict[str, Path], opts) -> None:
     rows = [{"student (make_student init)": "teacher (6 layers)", "recipe": "-",
              "val acc / epoch": " ".join(f"{a:.4f}" for a in _result(teacher_dir)["val_acc_per_epoch"]),
-             "train (min)": f"{_result(teacher_dir)['train_s'] / 60:.1f}"}]  # fmt: skip
+             "train (min)": f"{_result(teacher_dir)['train_s'] / 60:.1f}",
+             "mean load": _result(teacher_dir).get("mean_load", "n/a")}]  # fmt: skip
     for name, folder in dirs.items():
         result = _result(folder)
         recipe = result["recipe"]
@@ -318,10 +325,11 @@ def _ablation_table(teacher_dir: Path, dirs: dict[str, Path], opts) -> None:
             "recipe": "labels only" if recipe is None else ", ".join(f"{k}={v:g}" for k, v in recipe.items()),
             "val acc / epoch": " ".join(f"{a:.4f}" for a in result["val_acc_per_epoch"]),
             "train (min)": f"{result['train_s'] / 60:.1f}",
+            "mean load": result.get("mean_load", "n/a"),
         })  # fmt: skip
     print(format_table(rows, title=(
         f"Ablation on the validation split (stratified 10 % of Debian train; students {opts.student_epochs:g} "
-        f"epochs, lr 2e-4, max_length {opts.max_length}, {opts.threads} threads)"
+        f"epochs, lr 2e-4, max_length {opts.max_length}; train minutes depend on the load, see mean load)"
     )))  # fmt: skip
 
 
