@@ -21,6 +21,7 @@ import contextlib
 import math
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -138,7 +139,7 @@ def _budget_callback(schedule: _Schedule):
 def recover(student: nn.Module, teacher: nn.Module, texts: Any, *, tokenizer: Any, max_steps: int | None = None,
             max_seconds: float | None = None, learning_rate: float | None = None, train: str = "auto",
             batch_size: int = 16, max_length: int = 128, warmup: float = 0.1, dropout: bool = False,
-            callbacks: list | None = None, **kwargs: Any) -> nn.Module:  # fmt: skip
+            keep_better: bool = True, callbacks: list | None = None, **kwargs: Any) -> nn.Module:  # fmt: skip
     """Distil `teacher` into `student` (in place) on unlabeled `texts`; returns `student` in eval mode.
 
     Args:
@@ -155,6 +156,10 @@ def recover(student: nn.Module, teacher: nn.Module, texts: Any, *, tokenizer: An
         batch_size, max_length: texts per step and their token limit.
         warmup (`float`, *optional*, defaults to `0.1`): fraction of the budget spent warming the learning rate up.
         dropout (`bool`, *optional*, defaults to `False`): keep the student's dropout on while training.
+        keep_better (`bool`, *optional*, defaults to `True`): hold out a few texts (10 %, at most 64) and measure the
+            mean cosine of the student's mean-pooled sentence embeddings to the teacher's on them before and after
+            training; if training made it worse (a short budget on a model that was already near-lossless), the
+            trained weights are put back as they were and a warning says so. Needs at least 20 texts.
         callbacks (`list[TrainerCallback]`, *optional*): extra `Trainer` callbacks (progress, logging).
         **kwargs: go to `DistillationArguments` (e.g. ``alpha_mse=1.0``, ``alpha_cos=0.0``, ``seed``).
     """
@@ -180,6 +185,11 @@ def recover(student: nn.Module, teacher: nn.Module, texts: Any, *, tokenizer: An
     mode = "factors" if len(chosen) < sum(1 for p in student.parameters() if p.is_floating_point()) else "all"
     learning_rate = _DEFAULT_LR[mode] if learning_rate is None else learning_rate
     rows = list(texts) if isinstance(texts, (list, tuple)) else list(texts["text"])
+    held_out: list[str] = []
+    if keep_better and len(rows) >= 20:
+        count = min(64, max(4, len(rows) // 10))
+        rows, held_out = rows[:-count], rows[-count:]
+    check = _FidelityCheck(student, teacher, tokenizer, held_out, max_length, [p for _, p in chosen])
     encoded = datasets.Dataset.from_dict({"text": rows}).map(
         lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
         batched=True,
@@ -215,4 +225,51 @@ def recover(student: nn.Module, teacher: nn.Module, texts: Any, *, tokenizer: An
     finally:
         for param in student.parameters():
             param.requires_grad_(was_trainable.get(id(param), True))
+    check.keep_better()
     return student.eval()
+
+
+class _FidelityCheck:
+    """Held-out fidelity before and after recovery; restores the trained weights when training made it worse."""
+
+    def __init__(self, student, teacher, tokenizer, texts: list[str], max_length: int, params: list) -> None:
+        self.student, self.params, self.batches = student, params, []
+        if not texts:
+            return
+        for start in range(0, len(texts), 32):
+            chunk = texts[start : start + 32]
+            enc = tokenizer(chunk, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            self.batches.append(dict(enc))
+        self.reference = self._embed(teacher)
+        self.before = self._cosine()
+        self.saved = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def _embed(self, model) -> torch.Tensor:
+        from .report import sentence_embeddings
+
+        training = model.training
+        model.eval()
+        try:
+            return sentence_embeddings(model, self.batches)
+        finally:
+            model.train(training)
+
+    def _cosine(self) -> float:
+        return torch.nn.functional.cosine_similarity(self._embed(self.student), self.reference).mean().item()
+
+    @torch.no_grad()
+    def keep_better(self) -> None:
+        if not self.batches:
+            return
+        self.after = self._cosine()
+        if self.after < self.before:
+            for param, saved in zip(self.params, self.saved):
+                param.copy_(saved)
+            warnings.warn(
+                f"Recovery distillation lowered the held-out cosine to the original ({self.before:.5f} -> "
+                f"{self.after:.5f}); the weights were put back as they were. Give it a longer budget (max_seconds / "
+                "max_steps) or a lower learning_rate.",
+                stacklevel=3,
+            )
+        self.saved = []

@@ -104,3 +104,19 @@ def test_data_aware_factors_are_balanced():
     _, analysis, synthesis, _ = weighted_row_svd(table, weights, center=False)
     optimum = table.double() @ analysis[:, :8] @ synthesis[:8]
     assert torch.allclose(embedding.weight.double(), optimum, atol=1e-5)
+
+
+def test_recovery_that_makes_things_worse_is_undone(minilm, minilm_tokenizer):
+    teacher = minilm
+    student = apply_compression(_copy(teacher), EmbeddingFactorizationConfig(rank=48, init="svd"))
+    texts = [row["text"] for row in load_debian("train", per_section=3)]
+    factors = {n: p.detach().clone() for n, p in student.named_parameters() if "word_embeddings" in n}
+    # An absurd learning rate wrecks the factors; the held-out check must notice and put them back.
+    with pytest.warns(UserWarning, match="put back as they were"):
+        recover(student, teacher, texts, tokenizer=minilm_tokenizer, max_steps=3, batch_size=8, max_length=32,
+                learning_rate=5.0)  # fmt: skip
+    assert all(torch.equal(p, factors[n]) for n, p in student.named_parameters() if n in factors)
+    # Without the check, the damage stays.
+    recover(student, teacher, texts, tokenizer=minilm_tokenizer, max_steps=3, batch_size=8, max_length=32,
+            learning_rate=5.0, keep_better=False)  # fmt: skip
+    assert not all(torch.equal(p, factors[n]) for n, p in student.named_parameters() if n in factors)
