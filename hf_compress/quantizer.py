@@ -42,6 +42,7 @@ class HfCompressQuantizer(HfQuantizer):
     def __init__(self, quantization_config: CompressionConfig, **kwargs: Any) -> None:
         super().__init__(quantization_config, **kwargs)
         self._on_load_handlers: list[Any] = []
+        self._target_device = "cpu"  # where the model will run, from `update_device_map`
 
     # -- before the model exists -------------------------------------------------------------------------------------
     def update_attn_implementation(self, config):
@@ -65,7 +66,7 @@ class HfCompressQuantizer(HfQuantizer):
             for technique_config in self.quantization_config.techniques:
                 model_dtype = getattr(technique_config, "model_dtype", None)
                 if model_dtype is not None:
-                    return model_dtype(getattr(self, "_target_device", "cpu"))
+                    return model_dtype(self._target_device)
         return dtype
 
     # -- on the empty skeleton ---------------------------------------------------------------------------------------

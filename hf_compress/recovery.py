@@ -181,9 +181,10 @@ def recover(student: nn.Module, teacher: nn.Module, texts: Any, *, tokenizer: An
         raise ValueError(f"warmup is a fraction of the budget in [0, 1), got {warmup!r}.")
     if max_steps is None and max_seconds is None:
         max_steps = 200
+    if train == "auto":
+        train = "factors" if _factorization_only(student) else "all"
     chosen = trainable_parameters(student, train)
-    mode = "factors" if len(chosen) < sum(1 for p in student.parameters() if p.is_floating_point()) else "all"
-    learning_rate = _DEFAULT_LR[mode] if learning_rate is None else learning_rate
+    learning_rate = _DEFAULT_LR[train] if learning_rate is None else learning_rate
     rows = list(texts) if isinstance(texts, (list, tuple)) else list(texts["text"])
     held_out: list[str] = []
     if keep_better and len(rows) >= 20:

@@ -8,6 +8,7 @@ that are actually stored.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -15,7 +16,7 @@ import torch
 from .packing import qrange
 
 
-__all__ = ["QuantizedWeight", "quantize_weight", "check_weight", "block_rows"]
+__all__ = ["QuantizedWeight", "quantize_weight", "quantize_blocks", "check_weight", "block_rows"]
 
 # Row blocks of about 512K weights (2 MB in float32): the search temporaries of one block stay small whatever the
 # matrix size (8 MB blocks measured 4x the transient memory and were no faster), and quantize-on-load releases the
@@ -67,30 +68,49 @@ def quantize_weight(
     All-zero groups get a zero weight back exactly (scale 1, offset 0).
     """
     rows, cols = weight.shape
-    step = block_rows(cols)
-    if rows > step:
-        # Row blocks are independent; each is written into preallocated outputs (no list of parts + cat, which
-        # would hold the integers twice).
-        out = None
-        for start in range(0, rows, step):
-            try:
-                part = quantize_weight(
-                    weight[start : start + step], bits, group_size, symmetric, algorithm, dtype, name
-                )
-            except ValueError:
-                check_weight(weight, name)  # count the bad values of the whole weight for the message
-                raise
-            if out is None:
-                zero = None if part.zero is None else part.zero.new_empty(rows, part.zero.shape[1])
-                out = QuantizedWeight(
-                    part.q.new_empty(rows, cols), part.scale.new_empty(rows, part.scale.shape[1]), zero
-                )
-            out.q[start : start + step] = part.q
-            out.scale[start : start + step] = part.scale
-            if out.zero is not None:
-                out.zero[start : start + step] = part.zero
-        return out
+    if rows <= block_rows(cols):
+        return _quantize_block(weight, bits, group_size, symmetric, algorithm, dtype, name)
+    # Each block is written into preallocated outputs (a list of parts + cat would hold the integers twice).
+    out = None
+    for block_slice, part in quantize_blocks(weight, bits, group_size, symmetric, algorithm, dtype, name):
+        if out is None:
+            zero = None if part.zero is None else part.zero.new_empty(rows, part.zero.shape[1])
+            out = QuantizedWeight(part.q.new_empty(rows, cols), part.scale.new_empty(rows, part.scale.shape[1]), zero)
+        out.q[block_slice] = part.q
+        out.scale[block_slice] = part.scale
+        if out.zero is not None:
+            out.zero[block_slice] = part.zero
+    return out
+
+
+def quantize_blocks(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    algorithm: str = "mse",
+    dtype: torch.dtype = torch.bfloat16,
+    name: str = "weight",
+) -> Iterator[tuple[slice, QuantizedWeight]]:
+    """`quantize_weight` one row block at a time (`block_rows`): yields each block's row slice and its result.
+
+    Row blocks are independent, so the results equal the whole-matrix ones while only one block's temporaries exist.
+    A NaN/inf error counts the bad values of the whole weight.
+    """
+    step = block_rows(weight.shape[1])
+    for start in range(0, weight.shape[0], step):
+        block = weight[start : start + step]
+        try:
+            part = _quantize_block(block, bits, group_size, symmetric, algorithm, dtype, name)
+        except ValueError:
+            check_weight(weight, name)
+            raise
+        yield slice(start, start + block.shape[0]), part
+
+
+def _quantize_block(weight, bits, group_size, symmetric, algorithm, dtype, name) -> QuantizedWeight:
     check_weight(weight, name)
+    rows, cols = weight.shape
     w = weight.detach().float().reshape(rows, cols // group_size, group_size)
     if algorithm == "rtn":
         scale, zero = _minmax(w, bits, symmetric)

@@ -138,10 +138,8 @@ def _int4_kernel_layout(layer: QuantLinear, device: torch.device) -> tuple[torch
         for start in range(0, packed.shape[0], 4096):
             nibbles = unpack_int4_unsigned(packed[start : start + 4096]).to(torch.int32)
             weight[start : start + 4096] = torch._convert_weight_to_int4pack_for_cpu(nibbles, 2)
-    else:
-        nibbles = unpack_int4_unsigned(
-            layer.weight_packed
-        )  # CUDA wants the nibbles re-paired as (even << 4) | odd in uint8
+    else:  # CUDA wants the nibbles re-paired as (even << 4) | odd in uint8
+        nibbles = unpack_int4_unsigned(layer.weight_packed)
         weight = torch._convert_weight_to_int4pack((nibbles[:, 0::2] << 4 | nibbles[:, 1::2]).contiguous(), 8)
     zero = layer.weight_zero if layer.weight_zero is not None else torch.zeros_like(layer.weight_scale)
     scales_and_zeros = torch.stack((layer.weight_scale, zero), -1).transpose(0, 1).contiguous().to(torch.bfloat16)

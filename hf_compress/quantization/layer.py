@@ -25,10 +25,10 @@ class _QuantizedBuffers(nn.Module):
     group_size: int
     in_features: int
 
-    def _allocate(self, rows: int, cols: int, symmetric: bool, dtype: torch.dtype, device=None) -> None:
+    def _allocate(self, rows: int, cols: int, symmetric: bool, dtype: torch.dtype, device=None, compute_dtype=None):
         # Scales are stored in `dtype`; the forward pass computes in `compute_dtype`, a plain attribute set by
         # hf_compress to the machine's fast dtype (see `kernels.preferred_compute_dtype`) and kept by `.to(dtype)`.
-        self.compute_dtype = dtype
+        self.compute_dtype = compute_dtype or dtype
         packed_shape = (rows, cols) if self.bits == 8 else (rows, cols // 2)
         packed_dtype = torch.int8 if self.bits == 8 else torch.uint8
         self.register_buffer("weight_packed", torch.zeros(packed_shape, dtype=packed_dtype, device=device))
@@ -135,8 +135,7 @@ class QuantLinear(_QuantizedBuffers):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size or in_features
         self.activations = activations
-        self._allocate(out_features, in_features, symmetric, dtype, device)
-        self.compute_dtype = compute_dtype or dtype
+        self._allocate(out_features, in_features, symmetric, dtype, device, compute_dtype)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=self.compute_dtype, device=device)) if bias else None
 
     @classmethod
@@ -216,8 +215,7 @@ class QuantEmbedding(_QuantizedBuffers):
         num_embeddings (`int`), embedding_dim (`int`): the table's shape.
         bits, group_size, symmetric, dtype, device: as for `QuantLinear` (groups run along `embedding_dim`).
         padding_idx (`int`, *optional*): kept for code that reads it; the row itself is quantized like the others.
-
-    Looked-up rows come out in `compute_dtype` (defaults to `dtype`; hf_compress sets it to the model's dtype).
+        compute_dtype (`torch.dtype`, *optional*): dtype of the looked-up rows; defaults to `dtype`.
     """
 
     def __init__(
@@ -230,12 +228,13 @@ class QuantEmbedding(_QuantizedBuffers):
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
         padding_idx: int | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.in_features = num_embeddings, embedding_dim, embedding_dim
         self.bits, self.group_size = bits, group_size or embedding_dim
         self.padding_idx = padding_idx
-        self._allocate(num_embeddings, embedding_dim, symmetric, dtype, device)
+        self._allocate(num_embeddings, embedding_dim, symmetric, dtype, device, compute_dtype)
 
     @classmethod
     def from_float(

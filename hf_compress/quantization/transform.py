@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..utils import replace_module, select_modules
-from .algorithms import block_rows, check_weight, quantize_weight
+from .algorithms import quantize_blocks
 from .config import ModuleSpec, WeightQuantizationConfig
 from .layer import QuantEmbedding, QuantLinear
 from .mmap_pages import drop_pages, in_checkpoint_mmap, trim_heap
@@ -126,7 +126,7 @@ def _new_module(
 ) -> nn.Module:
     dtype = config.scale_dtype
     if spec.kind == "embedding":
-        embedding = QuantEmbedding(
+        return QuantEmbedding(
             module.num_embeddings,
             module.embedding_dim,
             spec.bits,
@@ -135,9 +135,8 @@ def _new_module(
             dtype,
             device,
             module.padding_idx,
+            compute_dtype,
         )
-        embedding.compute_dtype = compute_dtype
-        return embedding
     rows, cols = module.weight.shape
     in_features, out_features = (rows, cols) if spec.kind == "conv1d" else (cols, rows)
     activations = config.activations if spec.bits == 8 and spec.symmetric else None
@@ -167,23 +166,16 @@ def _quantize_into(
     """
     if spec.kind == "conv1d":
         weight = weight.t()
-    step = block_rows(weight.shape[1])
-    for start in range(0, weight.shape[0], step):
-        block = weight[start : start + step]
-        try:
-            part = quantize_weight(
-                block, spec.bits, spec.group_size, spec.symmetric, config.algorithm, config.scale_dtype, name
-            )
-        except ValueError:
-            check_weight(weight, name)  # the message counts the bad values of the whole weight
-            raise
-        rows = slice(start, start + block.shape[0])
+    blocks = quantize_blocks(
+        weight, spec.bits, spec.group_size, spec.symmetric, config.algorithm, config.scale_dtype, name
+    )
+    for rows, part in blocks:
         new.weight_packed[rows] = pack(part.q, spec.bits)
         new.weight_scale[rows] = part.scale
         if new.weight_zero is not None:
             new.weight_zero[rows] = part.zero
         if release is not None:
-            release(block)
+            release(weight[rows])
     if bias is not None and bias.device.type != "meta":
         new.bias = nn.Parameter(bias.detach().to(new.bias.dtype), requires_grad=bias.requires_grad)
 
