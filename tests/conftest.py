@@ -93,3 +93,12 @@ def minilm(minilm_dir):
 def debian_texts() -> list[str]:
     """64 real package descriptions from the test split, 5-6 per section."""
     return [row["text"] for row in load_debian("test", per_section=6)][:64]
+
+
+def pooled_embeddings(model, tokenizer, texts, max_length: int = 128) -> torch.Tensor:
+    """Mean-pooled last hidden states of `texts` (padding excluded): the sentence embeddings the tests compare."""
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        states = model(**encoded).last_hidden_state
+    mask = encoded["attention_mask"].unsqueeze(-1).float()
+    return (states * mask).sum(1) / mask.sum(1)

@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import pooled_embeddings, tiny_model
 
 from hf_compress import apply_compression
 from hf_compress.data import load_debian
@@ -16,16 +16,9 @@ from hf_compress.pruning import HeadPruningConfig
 from hf_compress.recovery import recover, trainable_parameters
 
 
-def _pooled(model, tokenizer, texts):
-    encoded = tokenizer(texts, padding=True, truncation=True, max_length=48, return_tensors="pt")
-    with torch.no_grad():
-        states = model(**encoded).last_hidden_state
-    mask = encoded["attention_mask"].unsqueeze(-1).float()
-    return (states * mask).sum(1) / mask.sum(1)
-
-
 def _cosine(model, teacher, tokenizer, texts) -> float:
-    pooled, reference = _pooled(model, tokenizer, texts), _pooled(teacher, tokenizer, texts)
+    pooled = pooled_embeddings(model, tokenizer, texts, max_length=48)
+    reference = pooled_embeddings(teacher, tokenizer, texts, max_length=48)
     return float(torch.nn.functional.cosine_similarity(pooled, reference).mean())
 
 
