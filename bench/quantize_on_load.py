@@ -8,8 +8,10 @@ runs ``AutoModel.from_pretrained(path, quantization_config=CompressionConfig([We
 while a thread samples its resident memory (/proc/self/status) every 20 ms. The table reports, for the whole loading
 process up to the end of ``from_pretrained``: the peak of the total (VmHWM: anonymous + file-backed pages of the
 mmapped shards) and of the anonymous part alone; the baseline (torch, transformers and hf_compress imported, before
-loading), so the model's share is visible; and the peak once a first forward pass has run (the int4 decoding kernel
-then builds its own weight layout, a cache of about the packed weights' size).
+loading), so the model's share is visible. A second table follows a first decoding forward pass (one sequence of 4
+tokens: the int4 CPU kernel, which switches each layer to its own weight layout): the peak and the current resident
+memory, and the bytes of every distinct tensor storage the model holds (parameters, buffers, kernel tables and any
+cached kernel layout: what a second copy of the weights would add shows there).
 """
 
 from __future__ import annotations
@@ -103,10 +105,26 @@ _CHILD = textwrap.dedent(
     time.sleep(0.1)
     loading = dict(peak)
     quantized = sum(isinstance(m, QuantLinear) for m in model.modules())
+    packed = model_bytes(model)
+    def resident(model):
+        storages = {}
+        for module in model.modules():
+            extra = [getattr(module, "_int4_table", None)]
+            extra += [t for value in getattr(module, "_kernel_cache", {}).values() for t in value]
+            for t in [*module.parameters(recurse=False), *module.buffers(recurse=False), *extra]:
+                if torch.is_tensor(t):
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(storages.values())
+    before = resident(model)
+    start = time.time()
     with torch.inference_mode():
         logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+    first = time.time() - start
     time.sleep(0.1)
-    print(json.dumps({"base": base, "loading": loading, "forward": dict(peak), "model_bytes": model_bytes(model),
+    fields = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
+    now = int(fields["VmRSS"].split()[0]) * 1024
+    print(json.dumps({"base": base, "loading": loading, "forward": dict(peak), "model_bytes": packed, "now": now,
+                      "resident_before": before, "resident_after": resident(model), "first_forward": first,
                       "seconds": seconds, "quantized_linears": quantized, "finite": bool(torch.isfinite(logits).all())}))
     """
 )
@@ -137,13 +155,19 @@ def main(argv: list[str] | None = None) -> None:
     print("Peak resident memory of the loading process; x = fraction of the fp32 checkpoint size.\n")
     print(
         "| fp32 checkpoint | baseline (imports) | peak RSS total | peak RSS anonymous | peak total - baseline | "
-        "int4 model in memory | load + quantize | peak total after a first forward |"
+        "int4 model in memory | load + quantize |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     print(
         f"| {fp32_bytes / 1e9:.2f} GB | {gb(base['total'])} | {gb(loading['total'])} | {gb(loading['anon'])} | "
-        f"{gb(loading['total'] - base['total'])} | {gb(stats['model_bytes'])} | {stats['seconds']:.0f} s | "
-        f"{gb(forward['total'])} |"
+        f"{gb(loading['total'] - base['total'])} | {gb(stats['model_bytes'])} | {stats['seconds']:.0f} s |"
+    )
+    print("\nAfter a first decoding forward pass (4 tokens), same process:\n")
+    print("| peak RSS total | RSS now | model storages before -> after the forward | first forward |")
+    print("|---|---|---|---|")
+    print(
+        f"| {gb(forward['total'])} | {gb(stats['now'])} | {gb(stats['resident_before'])} -> "
+        f"{gb(stats['resident_after'])} | {stats['first_forward']:.1f} s |"
     )
     print(f"\n{stats['quantized_linears']} linear layers quantized; finite logits: {stats['finite']}; "
           f"scales chosen with algorithm={args.algorithm!r}.")  # fmt: skip

@@ -102,7 +102,8 @@ def test_lora_on_quantized_model_trains_only_the_adapters(tmp_path, bits):
     wrapped = [m for m in model.modules() if isinstance(m, QuantLoraLinear)]
     assert len(wrapped) == 2 * len(TARGETS)
     assert all(isinstance(m.get_base_layer(), QuantLinear) for m in wrapped)
-    packed = {n: b.clone() for n, b in model.named_buffers() if n.endswith("weight_packed")}
+    # state_dict: the portable layout (a layer that ran the CPU int4 decoding kernel holds that kernel's byte order)
+    packed = {n: b.clone() for n, b in model.state_dict().items() if n.endswith("weight_packed")}
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or "classifier" in n for n in trainable)
@@ -119,7 +120,7 @@ def test_lora_on_quantized_model_trains_only_the_adapters(tmp_path, bits):
 
     losses = _train(model, steps=60)
     assert sum(losses[-4:]) < 0.75 * sum(losses[:4]), losses
-    assert all(torch.equal(b, packed[n]) for n, b in model.named_buffers() if n in packed)
+    assert all(torch.equal(b, packed[n]) for n, b in model.state_dict().items() if n in packed)
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
 

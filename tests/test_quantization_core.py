@@ -268,6 +268,6 @@ def test_int4_cpu_kernel_layout_is_built_in_row_blocks_without_changing_it():
 
     torch.manual_seed(0)
     layer = QuantLinear.from_float(nn.Linear(64, 4096 + 48), bits=4, group_size=32, symmetric=False)
-    blocked, _ = _int4_kernel_layout(layer, torch.device("cpu"))
     whole = torch._convert_weight_to_int4pack_for_cpu(unpack_int4_unsigned(layer.weight_packed).to(torch.int32), 2)
+    blocked, _ = _int4_kernel_layout(layer, torch.device("cpu"))  # the layer now holds this tensor, not a copy
     assert torch.equal(blocked, whole)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from .int4_layout import CPU_INT4PACK, PORTABLE, kernel_nibbles, to_cpu_kernel, to_cpu_kernel_
 from .packing import dequantize_groups, unpack, unpack_int4_unsigned
 
 
@@ -55,7 +56,10 @@ def preferred_compute_dtype(device: torch.device | str | None = None) -> torch.d
 def dequantized_weight(layer: QuantLinear, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The ``[out, in]`` float weight that `layer` represents, in `dtype` (default: its compute dtype)."""
     dtype = dtype or layer.compute_dtype
-    q = unpack(layer.weight_packed, layer.bits)
+    if getattr(layer, "_layout", PORTABLE) == CPU_INT4PACK:
+        q = kernel_nibbles(layer.weight_packed).view(torch.int8) - 8
+    else:
+        q = unpack(layer.weight_packed, layer.bits)
     return dequantize_groups(q, layer.weight_scale, layer.weight_zero, dtype)
 
 
@@ -126,18 +130,18 @@ def _int4_packed(layer: QuantLinear, x2: torch.Tensor) -> torch.Tensor:
 
 
 def _int4_kernel_layout(layer: QuantLinear, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Repack the portable nibbles into the kernel's opaque tiled layout, once per device (kept in memory)."""
+    """The int4 weight and ``[groups, out, 2]`` scale/zero table in the kernel's layout for `device`.
+
+    On CPU the layer switches to the kernel layout once (`int4_layout.to_cpu_kernel_`): the portable nibbles are
+    dropped, not duplicated. CUDA (and a CPU layout the probe does not understand) keep a cached copy per device.
+    """
     cached = layer._kernel_cache.get(("int4", device))
     if cached is not None:
         return cached
+    if device.type == "cpu" and to_cpu_kernel_(layer):
+        return layer.weight_packed, layer._int4_table
     if device.type == "cpu":
-        # The CPU kernel wants int32 nibbles (8 bytes per stored byte); its tiles are row-independent, so repack in
-        # row blocks instead of materialising the whole int32 matrix (262 MB for a 32000 x 2048 LM head).
-        packed = layer.weight_packed
-        weight = torch.empty_like(packed)
-        for start in range(0, packed.shape[0], 4096):
-            nibbles = unpack_int4_unsigned(packed[start : start + 4096]).to(torch.int32)
-            weight[start : start + 4096] = torch._convert_weight_to_int4pack_for_cpu(nibbles, 2)
+        weight = to_cpu_kernel(layer.weight_packed, verify=False)
     else:  # CUDA wants the nibbles re-paired as (even << 4) | odd in uint8
         nibbles = unpack_int4_unsigned(layer.weight_packed)
         weight = torch._convert_weight_to_int4pack((nibbles[:, 0::2] << 4 | nibbles[:, 1::2]).contiguous(), 8)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .algorithms import QuantizedWeight
+from .int4_layout import PORTABLE, portable_state, to_portable_
 from .kernels import dequantized_weight, quantized_matmul
 from .packing import aligned, dequantize_groups, pack, unpack
 
@@ -38,6 +39,10 @@ class _QuantizedBuffers(nn.Module):
         self.register_buffer("weight_zero", zero)
         self._kernel_cache: dict = {}
         self._unsupported: set = set()
+        # Which order `weight_packed` is in: PORTABLE (what state_dict always holds) or, once the CPU int4 decoding
+        # kernel has run, that kernel's own order (`int4_layout.to_cpu_kernel_`), kept instead of a second copy.
+        self._layout = PORTABLE
+        self._int4_table: torch.Tensor | None = None
 
     @property
     def symmetric(self) -> bool:
@@ -46,6 +51,7 @@ class _QuantizedBuffers(nn.Module):
     @torch.no_grad()
     def load_quantized(self, quantized: QuantizedWeight) -> None:
         """Fill the buffers from `algorithms.quantize_weight` output (shapes are checked by `copy_`)."""
+        self._layout, self._int4_table = PORTABLE, None  # every buffer is replaced by a portable one below
         self.weight_packed = pack(quantized.q, self.bits).to(self.weight_packed.device)
         self.weight_scale = quantized.scale.to(self.weight_scale.device, self.weight_scale.dtype)
         if self.weight_zero is not None:
@@ -68,13 +74,38 @@ class _QuantizedBuffers(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # `.to(device)` / `.to(bfloat16)` must not invalidate kernel layouts silently: rebuild them lazily. A float
-        # cast of the module (`model.half()`, `.to(torch.bfloat16)`) also changes the compute dtype.
+        # cast of the module (`model.half()`, `.to(torch.bfloat16)`) also changes the compute dtype. A layer in the
+        # CPU kernel layout goes back to the portable one first, unless `fn` changes nothing (e.g. `.to("cpu")`):
+        # other devices build their own layout from it, and a cast would separate its scales from the kernel table.
+        if self._layout != PORTABLE:
+            device = self.weight_packed.device
+            probes = [torch.empty(0, dtype=dtype, device=device) for dtype in (torch.uint8, self.weight_scale.dtype)]
+            if any(fn(probe) is not probe for probe in probes):
+                to_portable_(self)
         out = super()._apply(fn, recurse)
         self._kernel_cache = {}
         probe = fn(torch.empty(0, dtype=self.compute_dtype))
         if probe.is_floating_point():
             self.compute_dtype = probe.dtype
         return out
+
+    # Checkpoints, copies and pickles always hold the portable layout: the kernel's order depends on the CPU build
+    # of torch that ran the model, and `to_portable_` / `portable_state` invert it exactly.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._layout != PORTABLE:
+            destination.update({prefix + name: tensor for name, tensor in portable_state(self).items()})
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        to_portable_(self)  # incoming tensors are portable: copied into the kernel order they would be scrambled
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if self._layout != PORTABLE:
+            state["_buffers"] = {**self._buffers, **portable_state(self)}
+            state["_layout"], state["_int4_table"] = PORTABLE, None
+        return state
 
 
 class _QuantMatmul(torch.autograd.Function):

@@ -1,0 +1,166 @@
+"""The CPU int4 kernel layout as a state of `QuantLinear`: one copy of the weights, portable everywhere else."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM
+
+from hf_compress import apply_compression
+from hf_compress.quantization import QuantLinear, WeightQuantizationConfig, int4_layout
+from hf_compress.quantization.packing import unpack_int4_unsigned
+from hf_compress.utils import model_bytes
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors on a shared 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    blocks=st.integers(1, 40),  # rows in units of 16, the CPU kernel's requirement
+    group=st.sampled_from([32, 64, 128, 256]),
+    groups=st.integers(1, 3),
+    chunk=st.sampled_from([64, 96, 4096]),
+    seed=st.integers(0, 2**16),
+)
+def test_portable_kernel_portable_round_trip_is_exact(blocks, group, groups, chunk, seed):
+    rows, cols = 16 * blocks, group * groups
+    portable = torch.randint(
+        0, 256, (rows, cols // 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
+    saved, int4_layout.CHUNK_ROWS = int4_layout.CHUNK_ROWS, chunk
+    try:
+        kernel = int4_layout.to_cpu_kernel(portable)
+        assert kernel is not None and kernel.shape == portable.shape and kernel.dtype == torch.uint8
+        assert torch.equal(int4_layout.from_cpu_kernel(kernel), portable)
+        assert torch.equal(int4_layout.kernel_nibbles(kernel), unpack_int4_unsigned(portable))
+    finally:
+        int4_layout.CHUNK_ROWS = saved
+    if chunk % 64 == 0:  # chunks of whole blocks (64 rows with AVX512, 32 otherwise): torch's whole-matrix layout
+        whole = torch._convert_weight_to_int4pack_for_cpu(unpack_int4_unsigned(portable).to(torch.int32), 2)
+        assert torch.equal(kernel, whole)
+
+
+def test_blocks_in_any_slot_order_unpack_through_the_generic_gather():
+    layout = int4_layout._block_layout(112)
+    assert layout is not None and sum(blocks.count * blocks.rows for blocks in layout) == 112
+    portable = torch.randint(0, 256, (112, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    kernel = int4_layout.to_cpu_kernel(portable)
+    # The same blocks described by explicit slot tensors (what an unknown but regular order would get).
+    explicit = []
+    for blocks in layout:
+        r = torch.arange(blocks.rows)
+        half = blocks.rows // 2
+        slots = 2 * (r % half) + r // half if blocks.order == "halves" else r
+        explicit.append(blocks._replace(order=slots if isinstance(blocks.order, str) else blocks.order))
+    assert torch.equal(int4_layout._unpack_chunk(kernel, tuple(explicit)), unpack_int4_unsigned(portable))
+
+
+def _int4_llama():
+    torch.manual_seed(0)
+    # 224 = 3 x 64 + 32 rows: whole kernel blocks and a partial one; 2 key/value heads of 16: a 32-row projection.
+    config = tiny_config("llama", hidden_size=64, intermediate_size=224, num_attention_heads=4, vocab_size=160)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    apply_compression(model, WeightQuantizationConfig(bits=4, group_size=32, symmetric=False, algorithm="rtn"))
+    return model
+
+
+def _resident_int4_bytes(model) -> int:
+    """Bytes of every distinct storage a QuantLinear holds: buffers, the kernel table and any cached layouts."""
+    storages = {}
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            cached = [t for value in module._kernel_cache.values() for t in value]
+            for tensor in [*module.buffers(recurse=False), module._int4_table, *cached]:
+                if tensor is not None:
+                    storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def test_decoding_switches_layers_to_the_kernel_layout_without_a_second_copy(tmp_path):
+    model = _int4_llama()
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    ids = torch.randint(0, 160, (1, 40), generator=torch.Generator().manual_seed(1))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    resident, reported = _resident_int4_bytes(model), model_bytes(model)
+    with torch.inference_mode():
+        dense = model(ids).logits  # 40 rows: dequantize + GEMM from the portable layout
+        decoded = model(ids[:, :1]).logits  # 1 row: the int4 kernel, which converts each layer once
+    assert all(m._layout == int4_layout.CPU_INT4PACK and not m._kernel_cache for m in linears)
+    # Causal: the first position does not see the rest. bf16 activations in the kernel: close, not equal.
+    torch.testing.assert_close(decoded[:, 0], dense[:, 0], atol=2e-2, rtol=2e-2)
+    # One copy: the packed bytes are replaced (not joined) by the kernel's, and the kernel's scale/zero table is
+    # the storage of weight_scale / weight_zero. Keeping the portable tensors too would add ~80 % here.
+    assert _resident_int4_bytes(model) == resident
+    assert all(m.weight_scale.untyped_storage().data_ptr() == m._int4_table.untyped_storage().data_ptr()
+               for m in linears)  # fmt: skip
+    assert model_bytes(model) == reported
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, dense)  # many rows from the kernel layout: the same integers
+        assert torch.equal(model(ids[:, :1]).logits, decoded)
+    after = model.state_dict()  # always the portable layout
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in state.items())
+    with torch.inference_mode():
+        assert torch.equal(reloaded(ids[:, :1]).logits, decoded)
+
+
+def test_converted_layers_copy_load_move_and_realign_exactly():
+    model = _int4_llama()
+    ids = torch.randint(0, 160, (1, 1), generator=torch.Generator().manual_seed(2))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.inference_mode():
+        decoded = model(ids).logits
+    layer = model.model.layers[0].mlp.down_proj
+    weight = layer.dequantize(torch.float32)
+
+    copied = copy.deepcopy(model)  # pickles and copies carry the portable layout; they convert again when decoding
+    assert copied.model.layers[0].mlp.down_proj._layout == int4_layout.PORTABLE
+    with torch.inference_mode():
+        assert torch.equal(copied(ids).logits, decoded)
+
+    layer.realign_()
+    assert layer._layout == int4_layout.CPU_INT4PACK and torch.equal(layer.dequantize(torch.float32), weight)
+    model.to("cpu")  # changes nothing: the layout stays
+    assert layer._layout == int4_layout.CPU_INT4PACK
+    model.load_state_dict(state)  # portable tensors into converted layers: back to portable first
+    assert layer._layout == int4_layout.PORTABLE and torch.equal(layer.weight_packed, state[
+        "model.layers.0.mlp.down_proj.weight_packed"])  # fmt: skip
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, decoded)
+    model.double()  # a real cast (or a device move) returns to the portable layout, values intact
+    assert layer._layout == int4_layout.PORTABLE and layer.weight_scale.dtype == torch.float64
+    torch.testing.assert_close(layer.dequantize(torch.float32), weight)
+
+
+def test_lora_trains_on_top_of_the_kernel_layout():
+    from peft import LoraConfig, get_peft_model
+
+    model = _int4_llama()
+    ids = torch.randint(0, 160, (2, 3), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        model(ids[:1, :1])  # decoding converts every layer
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    peft_model.train()
+    loss = peft_model(input_ids=ids, labels=ids).loss  # 6 rows: kernel forward, backward via dequantized_weight
+    loss.backward()
+    # lora_B starts at zero, so lora_A gets no gradient yet; layer 0's lora_B gets one only through the backward
+    # pass of every later quantized layer (the input gradient from `dequantized_weight` of the kernel layout).
+    grads = {n: p.grad for n, p in peft_model.named_parameters() if "lora_B" in n}
+    assert len(grads) == 4 and all(g is not None and torch.isfinite(g).all() for g in grads.values())
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "layers.0." in n)
+    base = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert base.base_layer._layout == int4_layout.CPU_INT4PACK
