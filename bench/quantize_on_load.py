@@ -109,7 +109,7 @@ _CHILD = textwrap.dedent(
     def resident(model):
         storages = {}
         for module in model.modules():
-            extra = [getattr(module, "_int4_table", None)]
+            extra = [getattr(getattr(module, "_int4_converted", None), "table", None)]
             extra += [t for value in getattr(module, "_kernel_cache", {}).values() for t in value]
             for t in [*module.parameters(recurse=False), *module.buffers(recurse=False), *extra]:
                 if torch.is_tensor(t):

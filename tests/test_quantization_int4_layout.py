@@ -81,7 +81,8 @@ def _resident_int4_bytes(model) -> int:
     for module in model.modules():
         if isinstance(module, QuantLinear):
             cached = [t for value in module._kernel_cache.values() for t in value]
-            for tensor in [*module.buffers(recurse=False), module._int4_table, *cached]:
+            table = int4_layout.kernel_table(module) if module._layout == int4_layout.CPU_INT4PACK else None
+            for tensor in [*module.buffers(recurse=False), table, *cached]:
                 if tensor is not None:
                     storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
     return sum(storages.values())
@@ -102,7 +103,7 @@ def test_decoding_switches_layers_to_the_kernel_layout_without_a_second_copy(tmp
     # One copy: the packed bytes are replaced (not joined) by the kernel's, and the kernel's scale/zero table is
     # the storage of weight_scale / weight_zero. Keeping the portable tensors too would add ~80 % here.
     assert _resident_int4_bytes(model) == resident
-    assert all(m.weight_scale.untyped_storage().data_ptr() == m._int4_table.untyped_storage().data_ptr()
+    assert all(m.weight_scale.untyped_storage().data_ptr() == int4_layout.kernel_table(m).untyped_storage().data_ptr()
                for m in linears)  # fmt: skip
     assert model_bytes(model) == reported
     with torch.inference_mode():
@@ -136,6 +137,12 @@ def test_converted_layers_copy_load_move_and_realign_exactly():
     assert layer._layout == int4_layout.CPU_INT4PACK and torch.equal(layer.dequantize(torch.float32), weight)
     model.to("cpu")  # changes nothing: the layout stays
     assert layer._layout == int4_layout.CPU_INT4PACK
+    # A buffer replaced from outside (an offloading hook, an assignment) is portable again: never read as the kernel's.
+    other = model.model.layers[1].mlp.up_proj
+    other.weight_packed = state["model.layers.1.mlp.up_proj.weight_packed"].clone()
+    assert other._layout == int4_layout.PORTABLE
+    with torch.inference_mode():
+        assert torch.equal(model(ids).logits, decoded) and other._layout == int4_layout.CPU_INT4PACK
     model.load_state_dict(state)  # portable tensors into converted layers: back to portable first
     assert layer._layout == int4_layout.PORTABLE and torch.equal(layer.weight_packed, state[
         "model.layers.0.mlp.down_proj.weight_packed"])  # fmt: skip

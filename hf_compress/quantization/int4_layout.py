@@ -17,6 +17,7 @@ keeps a cached kernel copy next to the portable one instead (the memory of befor
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -24,8 +25,8 @@ import torch
 from .packing import unpack_int4_unsigned
 
 
-__all__ = ["PORTABLE", "CPU_INT4PACK", "to_cpu_kernel", "kernel_nibbles", "from_cpu_kernel", "to_cpu_kernel_",
-           "to_portable_", "portable_state"]  # fmt: skip
+__all__ = ["PORTABLE", "CPU_INT4PACK", "to_cpu_kernel", "kernel_nibbles", "from_cpu_kernel", "layout_of",
+           "kernel_table", "to_cpu_kernel_", "to_portable_", "portable_state"]  # fmt: skip
 
 PORTABLE, CPU_INT4PACK = "portable", "cpu_int4pack"
 # Rows converted at once: torch's converter needs int32 nibbles (8 bytes per stored byte), so a whole 32000 x 2048 LM
@@ -181,11 +182,37 @@ def to_cpu_kernel(packed: torch.Tensor, verify: bool = True) -> torch.Tensor | N
     return kernel
 
 
+class _Converted(NamedTuple):
+    """What a layer in the kernel layout holds besides its buffers: the kernel's scale table, and weak references
+    to the buffers it converted, so a buffer replaced from outside (an offloading hook, a plain assignment) is seen."""
+
+    table: torch.Tensor
+    buffers: tuple
+
+
+def layout_of(layer) -> str:
+    """`CPU_INT4PACK` if `layer`'s buffers are the ones `to_cpu_kernel_` made, else `PORTABLE`."""
+    converted = layer._int4_converted
+    if converted is None:
+        return PORTABLE
+    current = (layer.weight_packed, layer.weight_scale, layer.weight_zero)
+    if all((ref() if ref is not None else None) is tensor for ref, tensor in zip(converted.buffers, current)):
+        return CPU_INT4PACK
+    # Replaced behind our back by portable tensors (nothing else creates them): forget the stale table.
+    layer._int4_converted = None
+    return PORTABLE
+
+
+def kernel_table(layer) -> torch.Tensor:
+    """The ``bf16 [groups, out, 2]`` scale/zero table of a layer in the kernel layout."""
+    return layer._int4_converted.table
+
+
 @torch.no_grad()
 def to_cpu_kernel_(layer) -> bool:
     """Switch a CPU int4 `QuantLinear` to the kernel layout in place, dropping the portable tensor; False if the
     layout could not be verified (the layer is left unchanged)."""
-    if layer._layout == CPU_INT4PACK:
+    if layout_of(layer) == CPU_INT4PACK:
         return True
     # Built inside the model's `inference_mode` forward, these become the layer's own tensors for good: inference
     # tensors could not be updated in place later (load_state_dict) nor take part in training (LoRA).
@@ -201,8 +228,8 @@ def to_cpu_kernel_(layer) -> bool:
             layer.weight_scale = table[..., 0].t()
             if zero is not None:
                 layer.weight_zero = table[..., 1].t()
-    layer._int4_table = table
-    layer._layout = CPU_INT4PACK
+    buffers = (layer.weight_packed, layer.weight_scale, layer.weight_zero)
+    layer._int4_converted = _Converted(table, tuple(weakref.ref(t) if t is not None else None for t in buffers))
     return True
 
 
@@ -221,9 +248,8 @@ def portable_state(layer) -> dict[str, torch.Tensor]:
 
 def to_portable_(layer) -> None:
     """Switch a converted layer back to the portable layout in place (before a device move or a state load)."""
-    if layer._layout == PORTABLE:
+    if layout_of(layer) == PORTABLE:
         return
     for name, tensor in portable_state(layer).items():
         setattr(layer, name, tensor)
-    layer._int4_table = None
-    layer._layout = PORTABLE
+    layer._int4_converted = None

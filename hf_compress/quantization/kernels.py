@@ -7,7 +7,8 @@ with AVX512-BF16 / AMX), float32 on other CPUs, where bf16 GEMMs are emulated an
   weights and fewer rows than input features the scale is applied to the (smaller) GEMM output instead.
 - Few rows (decoding): torch's packed kernels read 1 or 0.5 byte per weight: ``_weight_int8pack_mm`` and
   ``_weight_int4pack_mm_for_cpu`` (``_weight_int4pack_mm`` on CUDA), several times faster than dequantizing. They
-  run on bf16 activations (float32 inputs are cast: the CPU int8 kernel is ~14x slower on float32 ones).
+  run on bf16 activations (float32 inputs are cast: the CPU int8 kernel is ~14x slower on float32 ones). On CPU an
+  int4 layer then keeps its weights in that kernel's layout only (`int4_layout`), not in both.
 - Opt-in dynamic int8 activations: per-token int8 quantization of the input and an int8 x int8 -> int32 GEMM
   (``torch._int_mm``, ~4x faster than an fp32 GEMM on the measured CPU); the fastest choice for many rows.
 
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .int4_layout import CPU_INT4PACK, PORTABLE, kernel_nibbles, to_cpu_kernel, to_cpu_kernel_
+from .int4_layout import CPU_INT4PACK, kernel_nibbles, kernel_table, layout_of, to_cpu_kernel, to_cpu_kernel_
 from .packing import dequantize_groups, unpack, unpack_int4_unsigned
 
 
@@ -56,7 +57,7 @@ def preferred_compute_dtype(device: torch.device | str | None = None) -> torch.d
 def dequantized_weight(layer: QuantLinear, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The ``[out, in]`` float weight that `layer` represents, in `dtype` (default: its compute dtype)."""
     dtype = dtype or layer.compute_dtype
-    if getattr(layer, "_layout", PORTABLE) == CPU_INT4PACK:
+    if layout_of(layer) == CPU_INT4PACK:
         q = kernel_nibbles(layer.weight_packed).view(torch.int8) - 8
     else:
         q = unpack(layer.weight_packed, layer.bits)
@@ -139,7 +140,7 @@ def _int4_kernel_layout(layer: QuantLinear, device: torch.device) -> tuple[torch
     if cached is not None:
         return cached
     if device.type == "cpu" and to_cpu_kernel_(layer):
-        return layer.weight_packed, layer._int4_table
+        return layer.weight_packed, kernel_table(layer)
     if device.type == "cpu":
         weight = to_cpu_kernel(layer.weight_packed, verify=False)
     else:  # CUDA wants the nibbles re-paired as (even << 4) | odd in uint8

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .algorithms import QuantizedWeight
-from .int4_layout import PORTABLE, portable_state, to_portable_
+from .int4_layout import PORTABLE, layout_of, portable_state, to_portable_
 from .kernels import dequantized_weight, quantized_matmul
 from .packing import aligned, dequantize_groups, pack, unpack
 
@@ -25,6 +25,9 @@ class _QuantizedBuffers(nn.Module):
     bits: int
     group_size: int
     in_features: int
+    # Set while `weight_packed` holds the CPU int4 decoding kernel's own order instead of the portable one
+    # (`int4_layout.to_cpu_kernel_`): the kernel's layout is kept instead of a second copy of the weights.
+    _int4_converted = None
 
     def _allocate(self, rows: int, cols: int, symmetric: bool, dtype: torch.dtype, device=None, compute_dtype=None):
         # Scales are stored in `dtype`; the forward pass computes in `compute_dtype`, a plain attribute set by
@@ -39,10 +42,6 @@ class _QuantizedBuffers(nn.Module):
         self.register_buffer("weight_zero", zero)
         self._kernel_cache: dict = {}
         self._unsupported: set = set()
-        # Which order `weight_packed` is in: PORTABLE (what state_dict always holds) or, once the CPU int4 decoding
-        # kernel has run, that kernel's own order (`int4_layout.to_cpu_kernel_`), kept instead of a second copy.
-        self._layout = PORTABLE
-        self._int4_table: torch.Tensor | None = None
 
     @property
     def symmetric(self) -> bool:
@@ -51,7 +50,7 @@ class _QuantizedBuffers(nn.Module):
     @torch.no_grad()
     def load_quantized(self, quantized: QuantizedWeight) -> None:
         """Fill the buffers from `algorithms.quantize_weight` output (shapes are checked by `copy_`)."""
-        self._layout, self._int4_table = PORTABLE, None  # every buffer is replaced by a portable one below
+        self._int4_converted = None  # every buffer is replaced by a portable one below
         self.weight_packed = pack(quantized.q, self.bits).to(self.weight_packed.device)
         self.weight_scale = quantized.scale.to(self.weight_scale.device, self.weight_scale.dtype)
         if self.weight_zero is not None:
@@ -60,9 +59,15 @@ class _QuantizedBuffers(nn.Module):
             self.weight_zero = quantized.zero.to(self.weight_zero.device, self.weight_zero.dtype)
         self._kernel_cache.clear()
 
+    @property
+    def _layout(self) -> str:
+        """``"portable"`` or ``"cpu_int4pack"``: the order `weight_packed` holds (state_dict is always portable)."""
+        return layout_of(self)
+
     def realign_(self) -> None:
         """Give each packed tensor its own aligned memory (after an mmap load) and drop kernel-layout caches."""
-        self.weight_packed = aligned(self.weight_packed)
+        if self._layout == PORTABLE:  # the kernel layout is allocated by torch, aligned
+            self.weight_packed = aligned(self.weight_packed)
         self._kernel_cache.clear()
         self._unsupported.clear()
 
@@ -104,7 +109,7 @@ class _QuantizedBuffers(nn.Module):
         state = self.__dict__.copy()
         if self._layout != PORTABLE:
             state["_buffers"] = {**self._buffers, **portable_state(self)}
-            state["_layout"], state["_int4_table"] = PORTABLE, None
+            state["_int4_converted"] = None
         return state
 
 

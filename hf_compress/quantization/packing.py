@@ -9,6 +9,8 @@ A quantized ``[out, in]`` weight is stored as:
 
 and dequantizes as ``w = q * scale + zero`` per group. With the nibble offset of 8 this is exactly the
 ``(u - 8) * scale + zero`` convention of torch's int4 CPU/CUDA kernels, so repacking for them is a pure layout change.
+A `QuantLinear` that has run the CPU int4 decoding kernel holds that kernel's order in memory instead (see
+`int4_layout`); its state_dict, and so every checkpoint, is always in the layout above.
 """
 
 from __future__ import annotations
