@@ -25,8 +25,8 @@ import torch
 from .packing import unpack_int4_unsigned
 
 
-__all__ = ["PORTABLE", "CPU_INT4PACK", "to_cpu_kernel", "kernel_nibbles", "from_cpu_kernel", "layout_of",
-           "kernel_table", "to_cpu_kernel_", "to_portable_", "portable_state"]  # fmt: skip
+__all__ = ["PORTABLE", "CPU_INT4PACK", "to_cpu_kernel", "kernel_nibbles", "kernel_linear", "from_cpu_kernel",
+           "layout_of", "kernel_table", "to_cpu_kernel_", "to_portable_", "portable_state"]  # fmt: skip
 
 PORTABLE, CPU_INT4PACK = "portable", "cpu_int4pack"
 # Rows converted at once: torch's converter needs int32 nibbles (8 bytes per stored byte), so a whole 32000 x 2048 LM
@@ -162,23 +162,67 @@ def from_cpu_kernel(kernel: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def kernel_linear(layer, x2: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x2 @ W^T (+ bias)`` for many rows, straight from the kernel layout (the prefill of a decoding model).
+
+    A block stored ``[K, L / 2]`` dequantizes into ``W_block^T`` (``[K, L]``) with no transpose: halves and pairs
+    orders become row order by stacking the two nibbles on the right axis. One batched GEMM per group of equal blocks
+    then replaces the big GEMM (measured 0.7-0.9x the time of dequantize + GEMM from the portable layout, where
+    re-ordering to ``[N, K]`` first cost 1.3-1.6x).
+    """
+    kernel, dtype = layer.weight_packed, x2.dtype
+    cols, group = kernel.shape[1] * 2, layer.group_size
+    scale, zero = layer.weight_scale, layer.weight_zero
+    out = torch.empty(x2.shape[0], kernel.shape[0], dtype=dtype, device=x2.device)
+    for rows in _chunks(kernel.shape[0]):
+        flat = kernel[rows].reshape(-1)
+        for blocks in _block_layout(rows.stop - rows.start):
+            first = rows.start + blocks.start
+            end = first + blocks.count * blocks.rows
+            data = flat[blocks.start * cols // 2 : (blocks.start + blocks.count * blocks.rows) * cols // 2]
+            data = data.view(blocks.count, cols // group, group, blocks.rows // 2)
+            if isinstance(blocks.order, str):
+                axis = -2 if blocks.order == "halves" else -1  # halves: row = high * L/2 + d; pairs: 2d + high
+                nibbles = torch.stack((data & 15, data >> 4), axis).flatten(-2)
+            else:
+                nibbles = torch.stack((data & 15, data >> 4), -1).flatten(-2).index_select(-1, blocks.order)
+            weight_t = nibbles.to(dtype).sub_(8).mul_(_per_block(scale[first:end], blocks).to(dtype))
+            if zero is not None:
+                weight_t.add_(_per_block(zero[first:end], blocks).to(dtype))
+            result = torch.matmul(x2, weight_t.view(blocks.count, cols, blocks.rows))  # [count, M, L]
+            out[:, first:end] = result.permute(1, 0, 2).reshape(x2.shape[0], -1)
+    return out if bias is None else out.add_(bias)
+
+
+def _per_block(values: torch.Tensor, blocks: _Blocks) -> torch.Tensor:
+    """Scales ``[rows, groups]`` of a group of blocks -> ``[count, groups, 1, L]``, aligned with ``W_block^T``."""
+    return values.unflatten(0, (blocks.count, blocks.rows)).transpose(1, 2).unsqueeze(2)
+
+
+# (rows, cols) shapes whose conversion was checked to invert exactly in this process: the layout depends on the
+# shape only, so one check per shape is a check of every chunk of that shape.
+_VERIFIED: set[tuple[int, int]] = set()
+
+
 def to_cpu_kernel(packed: torch.Tensor, verify: bool = True) -> torch.Tensor | None:
     """Portable int4 ``uint8 [N, K / 2]`` -> the CPU kernel's tensor of the same shape, built chunk by chunk.
 
-    With `verify`, each chunk must unpack back to its portable bytes exactly (`from_cpu_kernel`), else None is
-    returned: the caller then must keep the portable tensor.
+    With `verify`, the first chunk of each shape must unpack back to its portable bytes exactly
+    (`kernel_nibbles`), else None is returned: the caller then must keep the portable tensor.
     """
     kernel = torch.empty_like(packed, memory_format=torch.contiguous_format)
     for rows in _chunks(packed.shape[0]):
         part = packed[rows]
         kernel[rows] = _torch_convert(unpack_int4_unsigned(part))
-        if verify:
-            layout = _block_layout(rows.stop - rows.start)
+        shape = tuple(part.shape)
+        if verify and shape not in _VERIFIED:
+            layout = _block_layout(shape[0])
             if layout is None:
                 return None
             nibbles = _unpack_chunk(kernel[rows], layout)
             if not torch.equal(nibbles[:, 0::2] | (nibbles[:, 1::2] << 4), part):
                 return None
+            _VERIFIED.add(shape)
     return kernel
 
 

@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .int4_layout import CPU_INT4PACK, kernel_nibbles, kernel_table, layout_of, to_cpu_kernel, to_cpu_kernel_
+from .int4_layout import (
+    CPU_INT4PACK,
+    kernel_linear,
+    kernel_nibbles,
+    kernel_table,
+    layout_of,
+    to_cpu_kernel,
+    to_cpu_kernel_,
+)
 from .packing import dequantize_groups, unpack, unpack_int4_unsigned
 
 
@@ -105,6 +113,8 @@ def _dense(layer: QuantLinear, x2: torch.Tensor, bias: torch.Tensor | None = Non
         if layer.weight_zero is not None:
             out = out + x2.sum(-1, keepdim=True) * layer.weight_zero[:, 0].to(x2.dtype)
         return out
+    if layout_of(layer) == CPU_INT4PACK:
+        return kernel_linear(layer, x2, bias)
     return F.linear(x2, dequantized_weight(layer, x2.dtype), bias)
 
 
