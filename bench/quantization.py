@@ -2,12 +2,17 @@
 
     python -m bench.quantization            # full run
     python -m bench.quantization --fast     # smoke run on less data
+    python -m bench.quantization --no-compile   # without the torch.compile rows
     flock /tmp/hf_compress_bench.lock python -m bench.quantization   # timings others do not disturb
 
 Peers come from the ``bench`` extra (torchao, optimum-quanto, hqq, bitsandbytes); a peer that cannot be installed or
 run on this machine is listed under the table with the reason. Peers compute in the same dtype hf_compress picks for
 this machine (`preferred_compute_dtype`: bf16 where it is native, else float32), so nobody is slowed down by an
 emulated dtype; the "bf16 cast" row is the plain bf16 model whatever the machine.
+
+The "+ torch.compile" rows compile the whole model (default inductor mode), fp32 included so the gain of compiling
+alone is visible; their build time includes the first compilation, and every row's latency is still relative to
+eager fp32.
 """
 
 from __future__ import annotations
@@ -41,6 +46,13 @@ def hf_compress_variant(base, calibration, **kwargs) -> Callable[[], nn.Module]:
         model = copy.deepcopy(base)
         apply_compression(model, WeightQuantizationConfig(**kwargs), calibration_data=calibration)
         return model
+
+    return build
+
+
+def compiled(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    def build():
+        return torch.compile(factory())
 
     return build
 
@@ -119,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.quantization", description=__doc__.splitlines()[0])
     parser.add_argument("--fast", action="store_true", help="less data and fewer timing rounds (smoke run)")
     parser.add_argument("--no-peers", action="store_true", help="only hf_compress variants and the bf16 cast")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the whole-model torch.compile rows")
     parser.add_argument("--rounds", type=int, default=None, help="latency rounds (default: harness default)")
     args = parser.parse_args(argv)
     config = BenchConfig()
@@ -137,6 +150,14 @@ def main(argv: list[str] | None = None) -> None:
     factories["hf_compress int8 dynamic act."] = hf_compress_variant(
         base, calibration, bits=8, activations="int8_dynamic"
     )
+    if not args.no_compile:
+        # The compiled models share BertModel's code objects: room for each one's shapes before dynamo gives up.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        factories["fp32 + torch.compile"] = compiled(lambda: copy.deepcopy(base))
+        factories["hf_compress int8 + torch.compile"] = compiled(factories["hf_compress int8 (no calibration)"])
+        factories["hf_compress int8 dynamic act. + torch.compile"] = compiled(
+            factories["hf_compress int8 dynamic act."]
+        )
     candidates = peers(base)
     if args.no_peers:
         candidates = {"bf16 cast": candidates["bf16 cast"]}
