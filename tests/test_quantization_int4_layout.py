@@ -51,7 +51,7 @@ def test_portable_kernel_portable_round_trip_is_exact(blocks, group, groups, chu
         assert torch.equal(kernel, whole)
 
 
-def test_blocks_in_any_slot_order_unpack_and_multiply_through_the_generic_gather(monkeypatch):
+def test_blocks_in_any_slot_order_unpack_and_multiply_through_the_generic_gather():
     layout = int4_layout._block_layout(112)
     assert layout is not None and sum(blocks.count * blocks.rows for blocks in layout) == 112
     torch.manual_seed(0)
@@ -68,7 +68,7 @@ def test_blocks_in_any_slot_order_unpack_and_multiply_through_the_generic_gather
         slots = 2 * (r % half) + r // half if blocks.order == "halves" else r
         explicit.append(blocks._replace(order=slots if isinstance(blocks.order, str) else blocks.order))
     assert torch.equal(int4_layout._unpack_chunk(kernel, tuple(explicit)), unpack_int4_unsigned(portable))
-    monkeypatch.setattr(int4_layout, "_block_layout", lambda rows: tuple(explicit))
+    layer._int4_converted = layer._int4_converted._replace(layouts=((0, 112, tuple(explicit)),))
     torch.testing.assert_close(int4_layout.kernel_linear(layer, x, layer.bias), expected, rtol=0, atol=0)
 
 
@@ -178,3 +178,15 @@ def test_lora_trains_on_top_of_the_kernel_layout():
     assert all(g.abs().sum() > 0 for n, g in grads.items() if "layers.0." in n)
     base = peft_model.base_model.model.model.layers[0].self_attn.q_proj
     assert base.base_layer._layout == int4_layout.CPU_INT4PACK
+
+
+def test_a_graph_compiled_before_any_eager_decoding_step_still_decodes():
+    model = _int4_llama()
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 160, (1, 1), generator=torch.Generator().manual_seed(4))
+    compiled = torch.compile(model, fullgraph=True)  # the data-dependent conversion checks cannot run while tracing
+    with torch.inference_mode():
+        expected = reference(ids).logits  # eager: converts the reference's layers
+        torch.testing.assert_close(compiled(ids).logits, expected, atol=1e-5, rtol=1e-5)
+    assert reference.model.layers[0].mlp.up_proj._layout == int4_layout.CPU_INT4PACK
+    assert model.model.layers[0].mlp.up_proj._layout == int4_layout.PORTABLE  # with a cached copy, as before

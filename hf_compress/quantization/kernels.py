@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from .int4_layout import (
     CPU_INT4PACK,
     kernel_linear,
-    kernel_nibbles,
     kernel_table,
+    layer_nibbles,
     layout_of,
     to_cpu_kernel,
     to_cpu_kernel_,
@@ -66,7 +66,7 @@ def dequantized_weight(layer: QuantLinear, dtype: torch.dtype | None = None) -> 
     """The ``[out, in]`` float weight that `layer` represents, in `dtype` (default: its compute dtype)."""
     dtype = dtype or layer.compute_dtype
     if layout_of(layer) == CPU_INT4PACK:
-        q = kernel_nibbles(layer.weight_packed).view(torch.int8) - 8
+        q = layer_nibbles(layer).view(torch.int8) - 8
     else:
         q = unpack(layer.weight_packed, layer.bits)
     return dequantize_groups(q, layer.weight_scale, layer.weight_zero, dtype)
@@ -134,6 +134,10 @@ def _int8_packed(layer: QuantLinear, x2: torch.Tensor) -> torch.Tensor:
 def _int4_packed(layer: QuantLinear, x2: torch.Tensor) -> torch.Tensor:
     if layer.group_size not in _INT4_GROUPS or x2.dtype != torch.bfloat16:
         raise NotImplementedError("int4 packed kernels take bf16 inputs and groups of 32/64/128/256")
+    if x2.device.type == "cpu" and layer.out_features % 16:
+        # Checked here, not left to torch: its converter's shape check only runs on real tensors, so a compiled
+        # graph would trace the repacking and fail at run time instead of falling back.
+        raise NotImplementedError("the CPU int4 kernel needs out_features divisible by 16")
     weight, scales_and_zeros = _int4_kernel_layout(layer, x2.device)
     if x2.device.type == "cpu":
         return torch._weight_int4pack_mm_for_cpu(x2, weight, layer.group_size, scales_and_zeros)
