@@ -126,22 +126,30 @@ def _same_order(a: str | torch.Tensor, b: str | torch.Tensor) -> bool:
     return torch.equal(a, b)
 
 
+def _block_bytes(flat: torch.Tensor, blocks: _Blocks, cols: int) -> torch.Tensor:
+    """The bytes of a run of equal blocks inside one converted chunk (`flat`): ``[count, K, L / 2]``."""
+    first = blocks.start * cols // 2
+    return flat[first : first + blocks.count * blocks.rows * cols // 2].view(blocks.count, cols, blocks.rows // 2)
+
+
+def _nibbles_along_rows(data: torch.Tensor, order: str | torch.Tensor) -> torch.Tensor:
+    """Block bytes ``[..., L / 2]`` (last axis along the block's rows) -> nibbles ``[..., L]`` in row order.
+
+    halves: row = high * L/2 + d; pairs: row = 2d + high. Both are a stack on the right axis, no gather.
+    """
+    if isinstance(order, str):
+        return torch.stack((data & 15, data >> 4), -2 if order == "halves" else -1).flatten(-2)
+    return torch.stack((data & 15, data >> 4), -1).flatten(-2).index_select(-1, order)
+
+
 def _unpack_chunk(chunk: torch.Tensor, layout: tuple[_Blocks, ...]) -> torch.Tensor:
     """Kernel bytes ``[rows, K / 2]`` of one converted chunk -> unsigned nibbles ``[rows, K]`` in row order."""
     rows, cols = chunk.shape[0], chunk.shape[1] * 2
     flat = chunk.reshape(-1)
     out = torch.empty(rows, cols, dtype=torch.uint8, device=chunk.device)
     for blocks in layout:
-        first, end = blocks.start * cols // 2, (blocks.start + blocks.count * blocks.rows) * cols // 2
-        data = flat[first:end].view(blocks.count, cols, blocks.rows // 2)
-        nibbles = torch.stack((data & 15, data >> 4), -1)  # [count, K, d, high]
-        if isinstance(blocks.order, str):
-            # halves: row = high * rows/2 + d; pairs: row = 2d + high. Both are a transpose, no gather.
-            dims = (0, 3, 2, 1) if blocks.order == "halves" else (0, 2, 3, 1)
-            in_rows = nibbles.permute(*dims)
-        else:
-            in_rows = nibbles.flatten(2).index_select(2, blocks.order).transpose(1, 2)
-        out[blocks.start : blocks.start + blocks.count * blocks.rows] = in_rows.reshape(-1, cols)
+        nibbles = _nibbles_along_rows(_block_bytes(flat, blocks, cols), blocks.order)  # [count, K, L]
+        out[blocks.start : blocks.start + blocks.count * blocks.rows] = nibbles.transpose(1, 2).reshape(-1, cols)
     return out
 
 
@@ -200,13 +208,8 @@ def kernel_linear(layer, x2: torch.Tensor, bias: torch.Tensor | None = None) -> 
         for blocks in layout:
             first = start + blocks.start
             end = first + blocks.count * blocks.rows
-            data = flat[blocks.start * cols // 2 : (blocks.start + blocks.count * blocks.rows) * cols // 2]
-            data = data.view(blocks.count, cols // group, group, blocks.rows // 2)
-            if isinstance(blocks.order, str):
-                axis = -2 if blocks.order == "halves" else -1  # halves: row = high * L/2 + d; pairs: 2d + high
-                nibbles = torch.stack((data & 15, data >> 4), axis).flatten(-2)
-            else:
-                nibbles = torch.stack((data & 15, data >> 4), -1).flatten(-2).index_select(-1, blocks.order)
+            data = _block_bytes(flat, blocks, cols).view(blocks.count, cols // group, group, blocks.rows // 2)
+            nibbles = _nibbles_along_rows(data, blocks.order)  # [count, groups, group, L]: W_block^T
             weight_t = nibbles.to(dtype).sub_(8).mul_(_per_block(scale[first:end], blocks).to(dtype))
             if zero is not None:
                 weight_t.add_(_per_block(zero[first:end], blocks).to(dtype))
