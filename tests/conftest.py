@@ -69,6 +69,19 @@ def tiny_inputs(model_type: str, batch: int = 2, seq: int = 7, seed: int = 0) ->
     return {"input_ids": torch.randint(0, 128, (batch, seq), generator=generator)}
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module (opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    Tiny models gain nothing from threads, and on the shared 2-core machine a second OpenMP thread only spins and
+    waits for a preempted partner (measured 25x slower on the Trainer tests).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request) -> str:
     return request.param

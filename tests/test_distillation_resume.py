@@ -16,12 +16,7 @@ from hf_compress import apply_compression, get_recipe
 from hf_compress.distillation import DistillationArguments, DistillationTrainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def teacher_model(**overrides):

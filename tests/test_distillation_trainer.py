@@ -16,13 +16,7 @@ from hf_compress.distillation import DistillationArguments, DistillationTrainer,
 from hf_compress.distillation.trainer import PROJECTIONS_NAME
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads, and on a busy machine oversubscribed OpenMP threads make them crawl.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dataset(labels: bool = True, n: int = 48, seq: int = 10, pad: bool = True) -> Dataset:

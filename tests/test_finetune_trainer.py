@@ -18,13 +18,7 @@ from hf_compress.pruning import EmptyAttention, FFNPruningConfig, HeadPruningCon
 NUM_LABELS = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: a second OpenMP thread only spins and waits (measured 25x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dataset(n: int = 48, seed: int = 0):

@@ -24,12 +24,7 @@ from hf_compress.quantization import QuantLinear, WeightQuantizationConfig
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(seed: int = 0, n: int = 8) -> dict:

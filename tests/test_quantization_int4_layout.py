@@ -17,12 +17,7 @@ from hf_compress.quantization.packing import unpack_int4_unsigned
 from hf_compress.utils import model_bytes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @settings(max_examples=25, deadline=None)
