@@ -48,10 +48,7 @@ def trainable_parameters(model: nn.Module, train: str = "auto") -> list[tuple[st
     """
     from .factorization import FactorizedEmbedding, LowRankLinear
 
-    if train not in TRAIN_CHOICES:
-        raise ValueError(f"train must be one of {TRAIN_CHOICES}, got {train!r}.")
-    if train == "auto":
-        train = "factors" if _factorization_only(model) else "all"
+    train = _resolve_train(model, train)
     if train == "all":
         return [(n, p) for n, p in model.named_parameters() if p.is_floating_point()]
     owners = [(n, m) for n, m in model.named_modules() if isinstance(m, (FactorizedEmbedding, LowRankLinear))]
@@ -62,6 +59,15 @@ def trainable_parameters(model: nn.Module, train: str = "auto") -> list[tuple[st
         )
     prefixes = tuple(f"{n}." for n, _ in owners)
     return [(n, p) for n, p in model.named_parameters() if n.startswith(prefixes) and p.is_floating_point()]
+
+
+def _resolve_train(model: nn.Module, train: str) -> str:
+    """Check `train` and resolve ``"auto"`` for `model` to ``"factors"`` or ``"all"``."""
+    if train not in TRAIN_CHOICES:
+        raise ValueError(f"train must be one of {TRAIN_CHOICES}, got {train!r}.")
+    if train == "auto":
+        return "factors" if _factorization_only(model) else "all"
+    return train
 
 
 def _factorization_only(model: nn.Module) -> bool:
@@ -181,8 +187,7 @@ def recover(student: nn.Module, teacher: nn.Module, texts: Any, *, tokenizer: An
         raise ValueError(f"warmup is a fraction of the budget in [0, 1), got {warmup!r}.")
     if max_steps is None and max_seconds is None:
         max_steps = 200
-    if train == "auto":
-        train = "factors" if _factorization_only(student) else "all"
+    train = _resolve_train(student, train)
     chosen = trainable_parameters(student, train)
     learning_rate = _DEFAULT_LR[train] if learning_rate is None else learning_rate
     rows = list(texts) if isinstance(texts, (list, tuple)) else list(texts["text"])
