@@ -3,6 +3,10 @@
 Technique options are generated from the technique config dataclasses of the registry (one argument group per
 technique, help text from each field's ``metadata["help"]``), so the help lives in one place: the config classes.
 Any option of a technique (or its bare ``--<technique>`` flag) adds that technique to the recipe.
+
+A ``--token`` value never reaches the terminal or a file: argparse quotes the values it rejects, so its errors, ours
+and tracebacks go through `redact`, and the reproduce command written into the model card leaves the token out.
+Every expected error is one line on stderr and exit status 2 (bad input) or 1 (the Hub, the disk).
 """
 
 from __future__ import annotations
@@ -11,14 +15,54 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shlex
 import sys
+import traceback
 from typing import Any
 
 
 __all__ = ["main", "build_parser"]
 
 _SKIP_HELP = ("resolved", "leave unset", "filled by apply", "set by apply")
+_SECRETS: set[str] = set()  # --token values seen on this process's command lines
+_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")  # what a Hub token looks like, wherever it was typed
+
+
+def _is_token_option(option: str) -> bool:
+    """--token, what argparse accepts for it (--tok) and typos of it (--tokn, --hf-token)."""
+    name = option[2:]
+    return option.startswith("--") and bool(name) and ("tok" in name or "token".startswith(name))
+
+
+def _secrets_in(argv: list[str]) -> set[str]:
+    found = set()
+    for i, arg in enumerate(argv):
+        option, eq, value = arg.partition("=")
+        if _is_token_option(option):
+            secret = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            if len(secret) >= 4:  # shorter is no secret, and replacing it would garble the message
+                found.add(secret)
+    return found
+
+
+def redact(text: str) -> str:
+    """`text` without any --token value of the command line, HF_TOKEN, or anything that looks like a Hub token."""
+    env = os.environ.get("HF_TOKEN") or ""
+    for secret in sorted(_SECRETS | ({env} if len(env) >= 4 else set()), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return _HF_TOKEN.sub("hf_***", text)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one redacted line (argparse quotes rejected values, a token included)."""
+
+    def parse_known_args(self, args=None, namespace=None):  # subcommands' parsers go through here too
+        _SECRETS.update(_secrets_in(sys.argv[1:] if args is None else list(args)))
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {redact(message)} (see {self.prog} --help)\n")
 
 
 def _flag(method: str, name: str | None = None) -> str:
@@ -92,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .presets import DEFAULT_PRESET, PRESETS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hf-compress",
         description="Make Hugging Face Transformers models smaller and faster: prune heads, factorize, quantize, "
         "distil; measure before/after; save a reloadable checkpoint with a model card; push to the Hub.",
@@ -113,9 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
                       "Searches the settings with the best measured fidelity that fit.")  # fmt: skip
     _add_data_options(c)
     out = c.add_argument_group("output")
-    out.add_argument("--output-dir", help="Where to save (default: ./<model name>-hf_compress).")
+    out.add_argument("--output-dir", help="Where to save (default: ./<model name>-hf_compress); it must be new or "
+                     "empty unless --overwrite is given. A symlink is followed.")  # fmt: skip
+    out.add_argument("--overwrite", action="store_true",
+                     help="Allow a non-empty --output-dir (a previous output, or other files): only the files "
+                     "hf_compress writes or wrote there are replaced, all others are kept.")  # fmt: skip
+    out.add_argument("--overwrite-source", action="store_true",
+                     help="Like --overwrite, and also allow --output-dir to be the checkpoint folder MODEL is "
+                     "loaded from (its model files are replaced, other files kept).")  # fmt: skip
     out.add_argument("--push-to-hub", metavar="USER/NAME", help="Also push the saved folder to this Hub repo.")
     out.add_argument("--private", action="store_true", help="Create the Hub repo as private.")
+    _add_token_option(out)
     out.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
                      help="Recovery distillation after pruning/factorization (default: as the preset says).")  # fmt: skip
     out.add_argument("--no-measure", action="store_true", help="Skip the before/after report (faster).")
@@ -137,12 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("push", help="Push a saved folder to the Hub in one commit.",
                        description="Create the Hub repo if needed and upload every file of a saved folder (model, "
-                       "config, tokenizer, card, plots) in one commit. The token comes from HF_TOKEN or "
+                       "config, tokenizer, card, plots) in one commit. The token comes from --token, HF_TOKEN or "
                        "`hf auth login`.")  # fmt: skip
     p.add_argument("path", help="Folder written by `hf-compress compress`.")
     p.add_argument("repo_id", metavar="USER/NAME", help="Target repo.")
     p.add_argument("--private", action="store_true", help="Create the repo as private.")
     p.add_argument("--message", help="Commit message.")
+    _add_token_option(p)
 
     k = sub.add_parser("card", help="Regenerate the model card and plots of a saved folder.",
                        description="Rewrite README.md and plots/ of a folder from its hf_compress_report.json "
@@ -150,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("path", help="Folder written by `hf-compress compress`.")
     k.add_argument("--repo-id", help="Hub id shown in the loading example.")
     return parser
+
+
+def _add_token_option(group: Any) -> None:
+    group.add_argument("--token", metavar="TOKEN",
+                       help="Hub token with write access (default: HF_TOKEN or the one of `hf auth login`, which "
+                       "keep it out of the shell history and the process list).")  # fmt: skip
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -183,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return getattr(commands, f"run_{args.command}")(args, argv)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError) as err:
         print(f"hf-compress {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except (HubPushError, OSError, RuntimeError) as err:
@@ -192,15 +251,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"hf-compress {args.command}: interrupted (nothing half-written was left behind)", file=sys.stderr)
         return 130
+    except Exception:  # a bug: keep its traceback for the report, but never with a token in it
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        return 1
 
 
 def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
+    text = redact(" ".join(str(err).split())) or type(err).__name__
     return text if len(text) <= 600 else text[:597] + "..."
 
 
 def reproduce_command(argv: list[str]) -> str:
-    return shlex.join(["hf-compress", *argv])
+    """The command line for the model card, without --token and its value (a card is public)."""
+    shown, i = [], 0
+    while i < len(argv):
+        option, eq, _ = argv[i].partition("=")
+        if _is_token_option(option):
+            i += 1 if eq else 2  # "--token=X" or "--token X"
+            continue
+        shown.append(argv[i])
+        i += 1
+    return shlex.join(["hf-compress", *shown])
 
 
 if __name__ == "__main__":

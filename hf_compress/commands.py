@@ -116,6 +116,8 @@ def run_compress(args: argparse.Namespace, argv: list[str]) -> int:
         raise ValueError(
             f"Give only one of --preset, --recipe and --budget; got {', '.join('--' + g for g in given)}."
         )
+    if args.token and not args.push_to_hub:
+        raise ValueError("--token is only used with --push-to-hub USER/NAME: add --push-to-hub, or drop --token.")
     model, name = (args.model, Path(args.model.rstrip("/")).name) if args.model else _default_model()
     output_dir = args.output_dir or f"{name}-hf_compress"
     calibration = load_texts(args.calibration, "train", args.max_samples)
@@ -125,6 +127,7 @@ def run_compress(args: argparse.Namespace, argv: list[str]) -> int:
         model, *configs, preset=args.preset, recipe=args.recipe, budget=args.budget,
         calibration_data=calibration, eval_data=eval_texts, task_data=load_rows(args.task_data), metric=args.metric,
         distill=args.distill, output_dir=output_dir, push_to_hub=args.push_to_hub, private=args.private,
+        overwrite="source" if args.overwrite_source else args.overwrite, token=args.token,
         measure=not args.no_measure, progress=True, reproduce_command=reproduce_command(shown),
         latency_rounds=args.latency_rounds,
     )  # fmt: skip
@@ -147,11 +150,10 @@ def _print_push(push: Any) -> None:
 
 
 def run_inspect(args: argparse.Namespace, argv: list[str]) -> int:
-    from .compressor import load_model
     from .quantizer import get_recipe
     from .report import CATEGORIES, size_breakdown
 
-    model, _, source = load_model(args.path)
+    model, _, source = _load_checkpoint(args.path)
     recipe = get_recipe(model)
     if recipe is None:
         raise ValueError(f"{args.path} was not compressed by hf_compress (its config.json has no hf_compress recipe).")
@@ -176,6 +178,31 @@ def run_inspect(args: argparse.Namespace, argv: list[str]) -> int:
         for name, size in files.items():
             print(f"  {name:40s} {size:>12,d} bytes")
     return 0
+
+
+def _load_checkpoint(path: str) -> tuple[Any, Any, str]:
+    """`load_model`, with unreadable weights (truncated, corrupt, a refused pickle) as a one-line ValueError."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    from .compressor import load_model
+
+    if Path(path).is_file():
+        raise ValueError(f"{path} is a file: pass the checkpoint folder holding it ({Path(path).parent}) or a Hub id.")
+    try:
+        return load_model(path)
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and "PytorchStreamReader" not in str(err):
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first if len(first) <= 120 else first[:117] + "..."
+        files = sorted(p.name for p in Path(path).glob("*") if p.suffix in (".safetensors", ".bin", ".pt"))
+        raise ValueError(
+            f"{path}: the weights ({', '.join(files) or 'weights file'}) could not be read ({type(err).__name__}: "
+            f"{first}). The file is truncated or corrupt, or a pickle that torch.load(weights_only=True) refuses; "
+            f"download or save it again (save_pretrained writes safetensors)."
+        ) from None
 
 
 def run_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
@@ -204,7 +231,7 @@ def run_push(args: argparse.Namespace, argv: list[str]) -> int:
     folder = Path(args.path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; push a folder written by `hf-compress compress`.")
-    _print_push(push_to_hub(folder, args.repo_id, private=args.private, commit_message=args.message))
+    _print_push(push_to_hub(folder, args.repo_id, private=args.private, commit_message=args.message, token=args.token))
     return 0
 
 

@@ -18,6 +18,7 @@ from .config import CompressionConfig, TechniqueConfig
 from .presets import DEFAULT_PRESET, preset_configs
 from .registry import get_technique
 from .report import CompressionReport, measure_report
+from .saving import check_output_dir, save_compressed, source_folders
 
 
 __all__ = ["compress", "CompressionResult", "load_model"]
@@ -94,6 +95,7 @@ def compress(
     metric: str = "accuracy",
     distill: bool | dict | None = None,
     output_dir: str | os.PathLike | None = None,
+    overwrite: bool | str = False,
     push_to_hub: str | None = None,
     private: bool = False,
     token: str | None = None,
@@ -133,7 +135,11 @@ def compress(
         distill (`bool` or `dict`, *optional*): recovery distillation after the structural techniques; a dict is
             passed to the distillation recipe as keyword arguments. Defaults to what the preset says.
         output_dir (`str` or `os.PathLike`, *optional*): save the model, tokenizer, report, card and plots here
-            (atomically: a failure never leaves a half-written folder).
+            (atomically: a failure never leaves a half-written folder). It must be missing or empty unless
+            `overwrite` allows more (checked before compressing); a symlink is followed.
+        overwrite (`bool` or `"source"`, *optional*, defaults to `False`): `True` allows a non-empty `output_dir` (a
+            previous output, or other files): only files hf_compress writes or wrote there (its manifest) are
+            replaced, all others kept. ``"source"`` also allows the checkpoint the model was loaded from.
         push_to_hub (`str`, *optional*): ``"user/name"``: push the saved folder in one commit (needs `output_dir`,
             or a temporary folder is used).
         private (`bool`, *optional*): create the Hub repo as private.
@@ -172,6 +178,8 @@ def compress(
         if not isinstance(config, TechniqueConfig):
             raise TypeError(f"Expected technique configs such as HeadPruningConfig(...), got {type(config).__name__}.")
 
+    if output_dir is not None:  # refuse a folder before the work, not after it
+        check_output_dir(output_dir, overwrite, source_folders(model_or_id, tokenizer))
     stages = ["load", "compress", *(["measure"] if measure else []), *(["save"] if output_dir or push_to_hub else []),
               *(["push"] if push_to_hub else [])]  # fmt: skip
     bar = _StageBar(stages, enabled=progress)
@@ -214,7 +222,7 @@ def compress(
             t = time.perf_counter()
             bar.next("save")
             result.output_dir = save_result(result, output_dir, base_name, repo_id=push_to_hub, card=card,
-                                            reproduce_command=reproduce_command)  # fmt: skip
+                                            reproduce_command=reproduce_command, overwrite=overwrite)  # fmt: skip
             seconds["save"] = time.perf_counter() - t
         if push_to_hub:
             from .hub import push_to_hub as push
@@ -308,10 +316,9 @@ def _recipe_configs(recipe: Any) -> list[TechniqueConfig]:
     return [r if isinstance(r, TechniqueConfig) else TechniqueConfig.from_dict(r) for r in recipe]
 
 
-def save_result(result: CompressionResult, output_dir, base_name: str, repo_id: str | None = None,
-                card: bool = True, reproduce_command: str | None = None) -> Path:  # fmt: skip
+def save_result(result: CompressionResult, output_dir, base_name: str, repo_id: str | None = None, card: bool = True,
+                reproduce_command: str | None = None, overwrite: bool | str = False) -> Path:  # fmt: skip
     """Save model, tokenizer, report JSON, input recipe, model card and plots atomically into `output_dir`."""
-    from .hub import save_compressed
 
     def extra_files(saved: Path) -> dict[str, bytes | str]:
         extra: dict[str, bytes | str] = {
@@ -329,7 +336,8 @@ def save_result(result: CompressionResult, output_dir, base_name: str, repo_id: 
         extra["hf_compress_report.json"] = json.dumps(report.to_dict(), indent=2, default=str) + "\n"
         return extra
 
-    return save_compressed(result.model, output_dir, tokenizer=result.tokenizer, extra_files=extra_files)
+    return save_compressed(result.model, output_dir, tokenizer=result.tokenizer, extra_files=extra_files,
+                           overwrite=overwrite)  # fmt: skip
 
 
 def _head_importance(model) -> Any:

@@ -1,30 +1,22 @@
-"""Saving that never leaves a half-written folder, and pushing a compressed model to the Hub in one commit.
+"""Pushing a compressed model to the Hub in one commit (saving lives in `hf_compress.saving`, re-exported here).
 
-`atomic_directory` writes into a temporary folder next to the target and swaps it in with a rename only once
-everything is on disk, so Ctrl-C, an exception or a crash during `save_pretrained` leaves the previous good folder
-(or nothing) where the output goes. `push_to_hub` uploads a saved folder (model, config, tokenizer, card, plots)
-with `huggingface_hub` in a single commit; the token comes from the usual places (argument, ``HF_TOKEN``,
-``hf auth login``) and is never printed or written anywhere.
+`push_to_hub` uploads a saved folder (model, config, tokenizer, card, plots) with `huggingface_hub` in a single
+commit; the token comes from the usual places (argument or ``--token``, ``HF_TOKEN``, ``hf auth login``) and is never
+printed or written anywhere. `atomic_directory` and `save_compressed` (see `hf_compress.saving`) write a folder so
+that a failure never leaves it half-written and files hf_compress did not write are never deleted.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .saving import atomic_directory, save_compressed
+
 
 __all__ = ["atomic_directory", "save_compressed", "push_to_hub", "HubPushError", "PushResult"]
-
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
 
 
 class HubPushError(RuntimeError):
@@ -46,122 +38,6 @@ class PushResult:
         return sum(self.files.values())
 
 
-# -- atomic save ---------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary folder that replaces `target` atomically when the block exits without error.
-
-    The temporary folder lives in the same parent (so the final rename never crosses a filesystem). On Linux the
-    old and new folders are swapped with one ``renameat2(RENAME_EXCHANGE)`` call, so `target` always names a
-    complete folder; elsewhere two renames leave a window of microseconds in which `target` is missing. On any
-    exception, ``KeyboardInterrupt`` included, the temporary folder is deleted and `target` is untouched. Leftover
-    temporary folders of processes that were killed outright are cleaned up by the next save to the same target.
-
-    ```py
-    >>> with atomic_directory("minilm-int8") as tmp:
-    ...     model.save_pretrained(tmp)
-    ...     tokenizer.save_pretrained(tmp)
-    ```
-    """
-    target = Path(target).absolute()
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"Cannot save into {target}: it exists and is a file, not a folder.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if target.exists():
-            if not _exchange(tmp, target):
-                backup = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-                os.replace(target, backup)
-                try:
-                    os.replace(tmp, target)
-                except BaseException:
-                    os.replace(backup, target)
-                    raise
-                tmp = backup
-            shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous version
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False where that is unavailable."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-    return result == 0
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush file contents to disk before the rename, so a power cut cannot publish empty files."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def _remove_stale_temporaries(target: Path) -> None:
-    for path in target.parent.glob(f".{target.name}.tmp-*"):
-        pid = path.name[len(f".{target.name}.tmp-") :].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def save_compressed(
-    model: Any,
-    output_dir: str | os.PathLike,
-    tokenizer: Any = None,
-    extra_files: dict[str, bytes | str] | Callable[[Path], dict[str, bytes | str]] | None = None,
-) -> Path:
-    """Save `model` (and its tokenizer and extra files such as README.md or plots) into `output_dir` atomically.
-
-    Args:
-        model (`PreTrainedModel`): a model compressed by hf_compress (or any model).
-        output_dir (`str` or `os.PathLike`): the folder to create or replace.
-        tokenizer (*optional*): saved next to the model so the folder is self-contained.
-        extra_files (`dict[str, bytes | str]` or callable, *optional*): relative path -> content, written in the same
-            swap; a callable gets the folder holding the saved model (to measure it) and returns that dict.
-
-    Returns:
-        The absolute path of the saved folder.
-    """
-    target = Path(output_dir).absolute()
-    with atomic_directory(target) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if callable(extra_files):
-            extra_files = extra_files(tmp)
-        for name, content in (extra_files or {}).items():
-            path = tmp / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(content, str):
-                path.write_text(content, encoding="utf-8")
-            else:
-                path.write_bytes(content)
-    return target
-
-
-# -- push ----------------------------------------------------------------------------------------------------------
 def push_to_hub(
     folder: str | os.PathLike,
     repo_id: str,
@@ -243,7 +119,7 @@ def push_to_hub(
 def _token_source(token: str | None) -> str | None:
     """Where the token comes from (never the token itself), or None when there is none."""
     if token:
-        return "the token argument"
+        return "the token argument (--token)"
     from huggingface_hub import get_token
 
     if os.environ.get("HF_TOKEN"):

@@ -1,20 +1,27 @@
 """The hf-compress command line: --help of every subcommand, options generated from the config dataclasses, the
-compress / inspect / evaluate / card / push commands, and one-line errors with a non-zero exit on bad input."""
+compress / inspect / evaluate / card / push commands, one-line errors with a non-zero exit on bad input, --overwrite,
+and --token, whose value never reaches stdout, stderr, the model card or the Hub."""
 
 from __future__ import annotations
 
 import dataclasses
+import pickle
+import shutil
 import subprocess
 import sys
 
 import pytest
+from conftest import tiny_model
 from hub_server import HubServer, use_hub
 
-from hf_compress.cli import build_parser, main
+from hf_compress.cli import build_parser, main, reproduce_command
 from hf_compress.registry import registered_techniques
 
 
 SUBCOMMANDS = ["compress", "inspect", "evaluate", "push", "card"]
+SECRET = "hf_cliSecretToken0123456789abcdef"
+FAST = ["--weight-quantization-bits", "8", "--weight-quantization-algorithm", "rtn", "--calibration", "none",
+        "--eval-texts", "none", "--latency-rounds", "0"]  # fmt: skip
 
 
 def _run(capsys, *argv):
@@ -113,3 +120,134 @@ def test_compress_inspect_evaluate_card_push(capsys, tmp_path, minilm_dir, monke
         use_hub(monkeypatch, hub, token="wrong")
         code, _, err = _run(capsys, "push", str(out), "tester/cli")
         assert code == 1 and "rejected the token" in err and "wrong" not in err.replace("wrong", "", 0)
+
+
+def _run_or_exit(capsys, *argv):
+    """main() with argparse's SystemExit turned into the exit status."""
+    try:
+        code = main(list(argv))
+    except SystemExit as exit_info:
+        code = exit_info.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli") / "tiny"
+    tiny_model("bert").save_pretrained(folder)
+    return folder
+
+
+def test_compress_into_a_folder_with_other_files_needs_overwrite_and_keeps_them(capsys, tmp_path, monkeypatch,
+                                                                                 tiny_dir):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "thesis.txt").write_text("three years of work")
+    code, _, err = _run(capsys, "compress", str(tiny_dir), *FAST, "--output-dir", ".")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "thesis.txt" in err and "--overwrite" in err and str(tmp_path) in err
+
+    code, out, err = _run(capsys, "compress", str(tiny_dir), *FAST, "--output-dir", ".", "--overwrite")
+    assert code == 0, err
+    assert (tmp_path / "thesis.txt").read_text() == "three years of work"
+    assert (tmp_path / "model.safetensors").is_file()
+
+    before = {p.name: p.read_bytes() for p in tiny_dir.iterdir()}
+    code, _, err = _run(capsys, "compress", str(tiny_dir), *FAST, "--output-dir", str(tiny_dir), "--overwrite")
+    assert code == 2 and "checkpoint the model was loaded from" in err and "--overwrite-source" in err
+    assert {p.name: p.read_bytes() for p in tiny_dir.iterdir()} == before
+
+
+def test_token_option_pushes_and_the_token_is_never_shown_or_saved(capsys, tmp_path, monkeypatch, tiny_dir):
+    from huggingface_hub import constants
+
+    out = tmp_path / "out"
+    with HubServer(tokens={SECRET: "tester"}) as hub:
+        use_hub(monkeypatch, hub, token=None)  # no HF_TOKEN and no saved login: only --token can authenticate
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+        code, stdout, err = _run(capsys, "compress", str(tiny_dir), *FAST, "--output-dir", str(out),
+                                 "--push-to-hub", "tester/tiny", "--token", SECRET)  # fmt: skip
+        assert code == 0, err
+        assert "pushed" in stdout and SECRET not in stdout + err
+        uploaded = hub.files("tester/tiny")
+        assert "README.md" in uploaded and "--push-to-hub tester/tiny" in uploaded["README.md"].decode()
+        assert not any(SECRET.encode() in data for data in uploaded.values())
+        assert not any(SECRET.encode() in p.read_bytes() for p in out.rglob("*") if p.is_file())
+
+        code, stdout, err = _run(capsys, "push", str(out), "tester/again", f"--token={SECRET}")
+        assert code == 0 and "tester/again" in hub.repos and SECRET not in stdout + err
+        code, stdout, err = _run(capsys, "push", str(out), "tester/again", "--token", "hf_revokedToken0123456789abc")
+        assert code == 1 and "rejected the token from the token argument (--token)" in err
+        assert "hf_revokedToken" not in stdout + err and len(err.strip().splitlines()) == 1
+
+
+def test_the_reproduce_command_leaves_the_token_out():
+    argv = ["compress", "--token", SECRET, "--preset", "int8", f"--token={SECRET}", "--tok", "x1234", "m"]
+    assert reproduce_command(argv) == "hf-compress compress --preset int8 m"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["compress", "--token", SECRET, "--weight-quantization-bits", "eight"],
+        ["compress", f"--token={SECRET}", "--no-such-option", "1"],
+        ["compress", "--push-to-hub", "user/x", "--token", "hunter2-secret", "--preset", "nope"],
+        ["compress", "--token", "hunter2-secret"],  # no --push-to-hub: our own error line
+        ["push", "some/dir", "user/name", "--tokn", "hunter2-secret"],
+        ["push", "some/dir", "user/name", "--to=hunter2-secret", "--private=yes"],
+        ["push", "/does/not/exist", "user/name", "--token", "hunter2-secret"],
+        ["--token", "hunter2-secret", "push", "x", "user/name"],
+        [SECRET],
+    ],
+)
+def test_a_rejected_command_line_never_shows_the_token(capsys, argv):
+    code, out, err = _run_or_exit(capsys, *argv)
+    assert code == 2
+    assert "hunter2-secret" not in out + err and SECRET not in out + err
+    assert len(err.strip().splitlines()) == 1 and "error:" in err and "Traceback" not in err, err
+
+
+def test_a_traceback_never_shows_the_token(capsys, monkeypatch, tmp_path):
+    import hf_compress.hub
+
+    def buggy_push(*args, token=None, **kwargs):
+        raise ZeroDivisionError(f"a bug that quotes its token {token}")
+
+    monkeypatch.setattr(hf_compress.hub, "push_to_hub", buggy_push)
+    code, _, err = _run(capsys, "push", str(tmp_path), "user/name", "--token", "hunter2-secret")
+    assert code == 1 and "Traceback" in err and "ZeroDivisionError" in err and "hunter2-secret" not in err
+
+
+@pytest.fixture(scope="module")
+def compressed_tiny(tmp_path_factory, tiny_dir):
+    from hf_compress import compress
+    from hf_compress.quantization import WeightQuantizationConfig
+
+    out = tmp_path_factory.mktemp("cli") / "tiny-int8"
+    compress(str(tiny_dir), WeightQuantizationConfig(bits=8, algorithm="rtn"), measure=False, output_dir=out)
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "pickle", "truncated-pickle", "weights-file"])
+def test_inspect_on_unreadable_weights_is_one_line_and_exit_2(capsys, tmp_path, compressed_tiny, damage):
+    import torch
+
+    folder = shutil.copytree(compressed_tiny, tmp_path / "damaged")
+    weights = folder / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "garbage":
+        weights.write_bytes(b"\xff" * 4096)
+    elif damage in ("pickle", "truncated-pickle"):
+        weights.unlink()
+        if damage == "pickle":  # a pickle of arbitrary code: torch.load(weights_only=True) refuses it
+            (folder / "pytorch_model.bin").write_bytes(pickle.dumps(print))
+        else:
+            torch.save(tiny_model("bert").state_dict(), folder / "pytorch_model.bin")
+            data = (folder / "pytorch_model.bin").read_bytes()
+            (folder / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    path = weights if damage == "weights-file" else folder
+    code, out, err = _run(capsys, "inspect", str(path))
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hf-compress inspect: error:") and str(path) in lines[0], err

@@ -16,6 +16,7 @@ from transformers import AutoModel
 from hf_compress import compress
 from hf_compress.hub import HubPushError, push_to_hub
 from hf_compress.quantization import WeightQuantizationConfig
+from hf_compress.saving import MANIFEST
 
 
 TOKEN = "hf_test_write_token"
@@ -36,7 +37,9 @@ def hub():
 
 
 def _snapshot(folder):
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """What a push uploads: every file but the local bookkeeping of the save (the manifest)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MANIFEST}  # fmt: skip
 
 
 def test_push_round_trip_reloads_from_the_server(hub, monkeypatch, compressed_dir, tmp_path, minilm_tokenizer):
