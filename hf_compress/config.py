@@ -112,8 +112,8 @@ class CompressionConfig(QuantizationConfigMixin):
         format_version (`int`, *optional*, defaults to `1`):
             Version of the recipe layout.
         attn_implementation (`str`, *optional*):
-            The model's own attention implementation, restored on load (``config.json`` carries a guard value in its
-            place so that a checkpoint loaded without ``import hf_compress`` fails loudly).
+            The attention implementation chosen when the model was compressed (transformers does not save it),
+            restored on load unless `from_pretrained` is given one.
 
     Example:
 

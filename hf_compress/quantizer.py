@@ -5,19 +5,28 @@ creates `HfCompressQuantizer`. Its `_process_model_before_weight_loading` replay
 the empty (meta) skeleton, so the module types and shapes match the saved tensors exactly before they are read; no
 fp32 weight of a compressed module is ever materialised.
 
-Loading a compressed checkpoint *without* ``import hf_compress`` must never give a silently wrong model.
-transformers only warns about an unknown ``quant_method``, so `attach_recipe` also writes a guard value as the
-checkpoint's ``attn_implementation``: without the plugin, model construction fails with an error that contains
-"import hf_compress"; with the plugin, `update_attn_implementation` puts the model's real value back first.
+Two checks keep a wrong model from ever loading:
+
+- Without ``import hf_compress``, plain transformers must fail: ``config.json`` carries a load guard that makes
+  every transformers entry point raise an error saying to ``import hf_compress`` (see
+  `hf_compress.integrations_transformers`, which also removes the guard again when the plugin is imported).
+- With the plugin, the checkpoint must match the recipe: before any weight is read, `_check_checkpoint` compares the
+  tensor names and shapes in the weights files with the restructured skeleton and raises a `ValueError` naming
+  every module that does not match (transformers itself would only warn and initialise those tensors at random).
 """
 
 from __future__ import annotations
 
+import os
+import re
 from typing import TYPE_CHECKING, Any
 
+import torch
 from transformers.quantizers import HfQuantizer, register_quantizer
 
+from . import integrations_transformers
 from .config import QUANT_METHOD, CompressionConfig
+from .integrations_transformers import LOAD_GUARD
 from .registry import get_technique
 
 
@@ -27,9 +36,13 @@ if TYPE_CHECKING:
 
 __all__ = ["HfCompressQuantizer", "attach_recipe", "get_recipe", "LOAD_GUARD"]
 
-# Shown by transformers when a compressed checkpoint is loaded without the plugin:
-#   ValueError: Specified `attn_implementation="<LOAD_GUARD>"` is not supported. ...
-LOAD_GUARD = "hf_compress-checkpoint: run `import hf_compress` before from_pretrained (pip install hf-compress)"
+# The guard that checkpoints written before the `id2label` guard carry as `attn_implementation`: still undone on load.
+_LEGACY_ATTN_GUARD = (
+    "hf_compress-checkpoint: run `import hf_compress` before from_pretrained (pip install hf-compress)"
+)
+_MAX_REPORTED_MODULES = 20
+
+integrations_transformers.install()
 
 
 @register_quantizer(QUANT_METHOD)
@@ -46,8 +59,10 @@ class HfCompressQuantizer(HfQuantizer):
 
     # -- before the model exists -------------------------------------------------------------------------------------
     def update_attn_implementation(self, config):
+        # The recipe restores an attention implementation chosen at compression time, unless the caller picked one.
+        # (Older checkpoints stored `_LEGACY_ATTN_GUARD` in its place: it is replaced the same way.)
         for sub in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
-            if getattr(sub, "_attn_implementation", None) == LOAD_GUARD:
+            if getattr(sub, "_attn_implementation", None) in (None, _LEGACY_ATTN_GUARD):
                 sub._attn_implementation = self.quantization_config.attn_implementation
             sub.__dict__.pop("attn_implementation", None)
         return config
@@ -72,8 +87,10 @@ class HfCompressQuantizer(HfQuantizer):
     # -- on the empty skeleton ---------------------------------------------------------------------------------------
     def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
         if self.pre_quantized:
+            plain = _tensor_shapes(model)
             for technique_config in self.quantization_config.techniques:
                 get_technique(technique_config.method).restructure(model, technique_config)
+            _check_checkpoint(model, plain, kwargs.get("checkpoint_files"), self)
             return model
         # Quantize-on-load: each technique that supports it prepares the skeleton and hands back per-weight ops.
         for technique_config in self.quantization_config.techniques:
@@ -132,10 +149,10 @@ def attach_recipe(
     if recipe.attn_implementation is None:
         current = getattr(model.config, "_attn_implementation", None)
         # Only an explicit user choice is worth restoring; transformers picks the default itself on load.
-        recipe.attn_implementation = current if current not in (None, LOAD_GUARD, "sdpa") else None
+        recipe.attn_implementation = current if current not in (None, _LEGACY_ATTN_GUARD, "sdpa") else None
     model.config.quantization_config = recipe
-    # A plain attribute named like the config.json key: serialised by `to_dict`, ignored by the running model.
-    model.config.__dict__["attn_implementation"] = LOAD_GUARD
+    # The load guard is added when config.json is written (see `hf_compress.integrations_transformers`).
+    model.config.__dict__.pop("attn_implementation", None)
     model.hf_quantizer = quantizer or HfCompressQuantizer(recipe, pre_quantized=True)
     model.hf_quantizer.quantization_config = recipe
     model.is_quantized = True
@@ -151,3 +168,141 @@ def get_recipe(model: PreTrainedModel) -> CompressionConfig | None:
     """The `CompressionConfig` of a model compressed by hf_compress, or `None` for an uncompressed model."""
     recipe = getattr(getattr(model, "config", None), "quantization_config", None)
     return recipe if isinstance(recipe, CompressionConfig) else None
+
+
+# -- does the checkpoint match the recipe? ----------------------------------------------------------------------------
+def _tensor_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor `model` saves and loads (works on the meta skeleton: no data is touched)."""
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def _checkpoint_shapes(files: list[str]) -> dict[str, tuple[int, ...]] | None:
+    """Name -> shape of every tensor in the weights files, from their headers; `None` for a format we cannot read."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        file = str(file)
+        if file.endswith(".safetensors"):
+            with safe_open(file, framework="pt") as handle:
+                shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
+        elif file.endswith(".bin"):
+            state = torch.load(file, map_location="meta", weights_only=True)
+            shapes.update({key: tuple(value.shape) for key, value in state.items()})
+        else:  # e.g. GGUF: its names and shapes are converted by transformers, nothing to compare here
+            return None
+    return shapes
+
+
+def _check_checkpoint(
+    model: PreTrainedModel, plain: dict[str, tuple[int, ...]], files: list[str] | None, quantizer: HfQuantizer
+) -> None:
+    """Raise a `ValueError` naming each module whose tensors in the checkpoint disagree with the recipe.
+
+    `plain` holds the skeleton's tensor shapes before the recipe restructured it: the modules the recipe changed are
+    the owners of the names and shapes that differ. Checkpoint names are first renamed exactly as transformers will
+    rename them (its per-model conversion mapping, then adding or removing ``base_model_prefix``). Then:
+
+    - every tensor of a module the recipe changed must be in the checkpoint, with the expected shape, and no other;
+    - a module that exists in the skeleton may not get tensors it lacks (e.g. ``weight_packed`` for a layer whose
+      recipe entry was deleted), nor miss some of its tensors while others are there;
+    - a tensor of the base model's body may not change shape (a pruned layer that the recipe no longer lists).
+
+    Modules missing from the checkpoint as a whole (a new task head), extra modules (another head), task-head shapes
+    (``ignore_mismatched_sizes=True`` re-initialises them) and tied weights are left to transformers, as always.
+    """
+    # The renaming functions transformers' own loader calls (checked on 5.24.0), so names compare as it will load them.
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    if not files:
+        return  # `from_pretrained(None, state_dict=...)`: no files to compare
+    stored = _checkpoint_shapes(files)
+    if stored is None:
+        return
+    expected = _tensor_shapes(model)
+    changed = {_owner(k) for k in plain.keys() ^ expected.keys()}
+    changed |= {_owner(k) for k in plain.keys() & expected.keys() if plain[k] != expected[k]}
+    changed.discard("")  # a tensor of the model itself must not make every stray checkpoint key an error
+    modules = {name for name, _ in model.named_modules()}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    has_body = bool(prefix) and prefix in modules  # a task model: its base model lives under `prefix.`
+    conversions = get_model_conversion_mapping(model, hf_quantizer=quantizer)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    found, converted = {}, set()
+    for key, shape in stored.items():  # the same two tries as transformers' `convert_and_load_state_dict_in_model`
+        renamed, pattern = rename_source_key(key, renamings, converters, prefix, expected)
+        if renamed not in expected and key in expected:
+            renamed, pattern = rename_source_key(key, [], [], prefix, expected)
+        found[renamed] = shape
+        if pattern is not None:  # several tensors merged into one by a converter: shapes are not comparable
+            converted.add(renamed)
+    owners = {_owner(k) for k in expected}
+    present = {k.rsplit(".", depth)[0] for k in found for depth in range(1, k.count(".") + 1)}
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    ignore_missing = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or []]
+    ignore_unexpected = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+
+    problems: dict[str, dict[str, list[str]]] = {}  # module -> kind of problem -> tensor names (relative)
+
+    def report(module: str, key: str, kind: str) -> None:
+        group = next((m for m in _ancestors(module) if m and m in changed), module)  # the module the recipe replaced
+        name = key[len(group) + 1 :] if group else key
+        if kind == _RESHAPED:
+            name = f"{name} {list(found[key])} (recipe: {list(expected[key])})"
+        problems.setdefault(group or "<root>", {}).setdefault(kind, []).append(name)
+
+    for key, shape in found.items():
+        if key in expected:
+            body = not has_body or key.startswith(prefix + ".")
+            if key not in converted and shape != expected[key] and (_owner(key) in changed or body):
+                report(_owner(key), key, _RESHAPED)
+        elif not any(p.search(key) for p in ignore_unexpected):
+            if has_body and key.split(".", 1)[0] not in modules:
+                key = f"{prefix}.{key}"  # a base-model checkpoint: place the extra tensor inside the body
+            holder = next(m for m in reversed(_ancestors(_owner(key))) if m in modules)  # deepest existing module
+            if holder in changed or (holder and holder in owners):
+                report(holder, key, _UNEXPECTED)
+    for key in expected.keys() - found.keys():
+        if key in tied or any(p.search(key) for p in ignore_missing):
+            continue
+        if any(source == key and target in found for target, source in tied.items()):
+            continue  # transformers ties the other way round
+        owner = _owner(key)
+        if owner in changed or (owner and owner in present):
+            report(owner, key, _MISSING)
+    if problems:
+        raise ValueError(_mismatch_message(problems, files))
+
+
+def _owner(key: str) -> str:
+    return key.rpartition(".")[0]
+
+
+def _ancestors(module: str) -> list[str]:
+    """`module` and the modules above it, outermost first: "a.b.c" -> ["", "a", "a.b", "a.b.c"]."""
+    parts = module.split(".") if module else []
+    return [".".join(parts[:i]) for i in range(len(parts) + 1)]
+
+
+_MISSING, _UNEXPECTED, _RESHAPED = "missing", "not in the recipe", "other shape"
+
+
+def _mismatch_message(problems: dict[str, dict[str, list[str]]], files: list[str]) -> str:
+    lines = [
+        f"  {module}: " + "; ".join(f"{kind}: {', '.join(sorted(names))}" for kind, names in sorted(kinds.items()))
+        for module, kinds in sorted(problems.items())
+    ]
+    if len(lines) > _MAX_REPORTED_MODULES:
+        lines = lines[:_MAX_REPORTED_MODULES] + [f"  ... and {len(lines) - _MAX_REPORTED_MODULES} more modules"]
+    folder = os.path.dirname(str(files[0])) or "."
+    return (
+        f"The weights in {folder} do not match the hf_compress recipe in its config.json (quantization_config): "
+        f"loading them would leave {len(problems)} module{'s' if len(problems) > 1 else ''} wrong or randomly "
+        "initialised. The checkpoint's tensors, by module:\n"
+        + "\n".join(lines)
+        + "\nExpected: every tensor of each compressed module, with the shape the recipe gives, and nothing else. "
+        "config.json and the weights were edited or come from different saves: restore both from the same "
+        "save_pretrained (or hf_compress.compress) output, or compress the original model again."
+    )
