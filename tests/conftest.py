@@ -115,3 +115,40 @@ def pooled_embeddings(model, tokenizer, texts, max_length: int = 128) -> torch.T
         states = model(**encoded).last_hidden_state
     mask = encoded["attention_mask"].unsqueeze(-1).float()
     return (states * mask).sum(1) / mask.sum(1)
+
+
+# The two compute paths a quantized model can take (`compute_dtype="auto"` picks one per machine): tests of kernels,
+# compilation and layouts run both explicitly, so every machine exercises the path it does not take by default
+# (bf16 is emulated, slow but correct, on CPUs without AVX512-BF16).
+COMPUTE_DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")]
+
+# How far two results of the *same* quantized model may differ when computed by different kernels or fusions
+# (eager vs torch.compile, the portable vs the kernel layout): not a quantization error, only rounding.
+# - float32: intermediates stay float32, so the paths differ only in summation order: about sqrt(K) * eps(fp32)
+#   per GEMM (K <= 224 here: ~2e-6) growing through a few layers; 1e-4 leaves a wide margin and still catches a
+#   wrong weight, scale or mask (errors of 1e-2 and more).
+# - bfloat16: each op rounds its output to bf16 (8 significant bits, eps = 2**-7), and a fused graph skips some of
+#   those roundings, so outputs of magnitude ~1 differ by a few units in the last place. 4 ulps (4 * eps = 0.031)
+#   relative, plus the same absolute for values near zero; the relative norm of the difference must stay within
+#   one eps, which a real error (a wrong group, a missing bias) exceeds many times over.
+_SAME_MODEL_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 4 * torch.finfo(torch.bfloat16).eps}
+
+
+def assert_same_model_outputs(actual: torch.Tensor, expected: torch.Tensor, compute_dtype: torch.dtype) -> None:
+    """Two computations of one quantized model in `compute_dtype` agree up to that dtype's rounding (see above)."""
+    tolerance = _SAME_MODEL_TOLERANCE[compute_dtype]
+    torch.testing.assert_close(actual.float(), expected.float(), atol=tolerance, rtol=tolerance)
+    # The roundings of a layer add up in quadrature, so the relative norm of the difference stays well under the
+    # elementwise bound (bf16: two layers of ~a dozen roundings of eps/2 each, about one eps; the bound is two).
+    relative = (actual.float() - expected.float()).norm() / expected.float().norm().clamp(min=1e-12)
+    assert relative <= tolerance / 2, f"relative error norm {relative:.2e} > {tolerance / 2:.2e} in {compute_dtype}"
+
+
+@pytest.fixture(params=COMPUTE_DTYPES)
+def machine_compute_dtype(request, monkeypatch) -> torch.dtype:
+    """Run a test as on each machine kind: ``compute_dtype="auto"`` resolves to float32 (a CPU without native bf16)
+    and to bfloat16 (AVX512-BF16 / AMX), whatever this machine is. Patched at the one place "auto" is resolved."""
+    from hf_compress.quantization import kernels
+
+    monkeypatch.setattr(kernels, "preferred_compute_dtype", lambda device=None: request.param)
+    return request.param

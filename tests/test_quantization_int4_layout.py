@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import assert_same_model_outputs, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
@@ -89,7 +92,7 @@ def _resident_int4_bytes(model) -> int:
     return sum(storages.values())
 
 
-def test_decoding_switches_layers_to_the_kernel_layout_without_a_second_copy(tmp_path):
+def test_decoding_switches_layers_to_the_kernel_layout_without_a_second_copy(tmp_path, machine_compute_dtype):
     model = _int4_llama()
     linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
     ids = torch.randint(0, 160, (1, 40), generator=torch.Generator().manual_seed(1))
@@ -109,7 +112,7 @@ def test_decoding_switches_layers_to_the_kernel_layout_without_a_second_copy(tmp
     assert model_bytes(model) == reported
     with torch.inference_mode():
         # many rows straight from the kernel layout (blockwise GEMMs: the same weights, another summation order)
-        torch.testing.assert_close(model(ids).logits, dense, rtol=1e-5, atol=1e-5)
+        assert_same_model_outputs(model(ids).logits, dense, machine_compute_dtype)
         assert torch.equal(model(ids[:, :1]).logits, decoded)
     after = model.state_dict()  # always the portable layout
     assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
@@ -121,7 +124,7 @@ def test_decoding_switches_layers_to_the_kernel_layout_without_a_second_copy(tmp
         assert torch.equal(reloaded(ids[:, :1]).logits, decoded)
 
 
-def test_converted_layers_copy_load_move_and_realign_exactly():
+def test_converted_layers_copy_load_move_and_realign_exactly(machine_compute_dtype):
     model = _int4_llama()
     ids = torch.randint(0, 160, (1, 1), generator=torch.Generator().manual_seed(2))
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -155,7 +158,7 @@ def test_converted_layers_copy_load_move_and_realign_exactly():
     torch.testing.assert_close(layer.dequantize(torch.float32), weight)
 
 
-def test_lora_trains_on_top_of_the_kernel_layout():
+def test_lora_trains_on_top_of_the_kernel_layout(machine_compute_dtype):
     from peft import LoraConfig, get_peft_model
 
     model = _int4_llama()
@@ -175,13 +178,36 @@ def test_lora_trains_on_top_of_the_kernel_layout():
     assert base.base_layer._layout == int4_layout.CPU_INT4PACK
 
 
-def test_a_graph_compiled_before_any_eager_decoding_step_still_decodes():
+def test_a_graph_compiled_before_any_eager_decoding_step_still_decodes(machine_compute_dtype):
     model = _int4_llama()
     reference = copy.deepcopy(model)
     ids = torch.randint(0, 160, (1, 1), generator=torch.Generator().manual_seed(4))
     compiled = torch.compile(model, fullgraph=True)  # the data-dependent conversion checks cannot run while tracing
     with torch.inference_mode():
         expected = reference(ids).logits  # eager: converts the reference's layers
-        torch.testing.assert_close(compiled(ids).logits, expected, atol=1e-5, rtol=1e-5)
+        # One row: both run the int4 kernel on bf16 activations (whatever the compute dtype), fused differently.
+        assert_same_model_outputs(compiled(ids).logits, expected, torch.bfloat16)
     assert reference.model.layers[0].mlp.up_proj._layout == int4_layout.CPU_INT4PACK
     assert model.model.layers[0].mlp.up_proj._layout == int4_layout.PORTABLE  # with a cached copy, as before
+
+
+# The int4 kernel's block layout depends on the ATen CPU capability torch selects at start-up (64-row blocks with
+# AVX-512, 32 with AVX2, 32 in the generic build); ATEN_CPU_CAPABILITY forces a lower one. This module runs once
+# natively and once more in a subprocess under each other capability this CPU can run.
+_CAPABILITIES = ("default", "avx2", "avx512")
+
+
+@pytest.mark.skipif(os.environ.get("ATEN_CPU_CAPABILITY") is not None, reason="already the forced-capability run")
+@pytest.mark.parametrize("capability", _CAPABILITIES)
+def test_this_module_passes_under_every_aten_cpu_capability(capability):
+    native = torch.backends.cpu.get_cpu_capability().lower()
+    if capability == native:
+        pytest.skip(f"{capability} is this machine's native capability: the run above already covered it")
+    if _CAPABILITIES.index(capability) > _CAPABILITIES.index(native if native in _CAPABILITIES else "default"):
+        pytest.skip(f"this CPU cannot run {capability} code (its best is {native})")
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "ATEN_CPU_CAPABILITY": capability})  # fmt: skip
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
+    assert done.returncode == 0, f"under ATEN_CPU_CAPABILITY={capability}: {summary}\n{done.stdout[-3000:]}"
+    assert "passed" in summary and "failed" not in summary

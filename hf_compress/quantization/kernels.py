@@ -79,7 +79,7 @@ def quantized_matmul(layer: QuantLinear, x2: torch.Tensor, bias: torch.Tensor | 
         out = _try(_dynamic_int8, layer, x2, bias)
         if out is not None:
             return out
-    if rows <= SMALL_M:
+    if rows <= SMALL_M and _packed_kernel_traceable(layer, x2.device):
         kernel = _int8_packed if layer.bits == 8 else _int4_packed
         # The packed CPU kernels are fast on bf16 activations only; a few rows lose nothing by the round trip.
         xk = x2.to(torch.bfloat16) if x2.dtype == torch.float32 and x2.device.type == "cpu" else x2
@@ -88,6 +88,24 @@ def quantized_matmul(layer: QuantLinear, x2: torch.Tensor, bias: torch.Tensor | 
             out = out.to(x2.dtype)
             return out if bias is None else out + bias
     return _dense(layer, x2, bias)
+
+
+def _packed_kernel_traceable(layer: QuantLinear, device: torch.device) -> bool:
+    """Whether the few-row packed kernel may run here: always eagerly; in a graph being compiled only when safe.
+
+    torch 2.13 on CPU (reproduced with torch alone in scripts/repro/inductor_int8pack_mm.py):
+    - ``_weight_int8pack_mm`` in a compiled graph failed to lower on AVX512-BF16/AMX CPUs when its scale is cast in
+      the graph, and corrupted the heap of a repeatedly called int8 encoder on an AVX-512 CPU without BF16;
+    - inductor lowers the int4 repacking (``_convert_weight_to_int4pack_for_cpu``) with the block layout of the ISA
+      *it* detects, while the ATen kernel uses the one ``ATEN_CPU_CAPABILITY`` selects: NaNs when they differ.
+    So compiled graphs multiply int8 layers densely, and int4 layers with the packed kernel only once an eager
+    decoding step converted them (the layout is then runtime data, not traced code). Slower there, never wrong.
+    """
+    if not torch.compiler.is_compiling():
+        return True
+    if layer.bits == 8 or device.type != "cpu":
+        return layer.bits == 4 and ("int4", device) in layer._kernel_cache
+    return layout_of(layer) == CPU_INT4PACK
 
 
 def _try(kernel, layer: QuantLinear, *args: torch.Tensor | None) -> torch.Tensor | None:
