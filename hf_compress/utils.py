@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 
-__all__ = ["matches", "select_modules", "replace_module", "model_bytes", "count_parameters"]
+__all__ = ["matches", "select_modules", "replace_module", "model_bytes", "count_parameters", "aligned", "realign_parameters_"]
 
 
 def matches(name: str, patterns: list[str] | str | None) -> bool:
@@ -88,3 +88,22 @@ def _unique_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
             continue
         seen.add(key)
         yield tensor
+
+
+def aligned(tensor: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """`tensor` itself if its data starts on an `alignment`-byte boundary, else an aligned copy.
+
+    transformers loads safetensors weights at any 8-byte offset. ``torch._weight_int8pack_mm`` reads out of bounds
+    (a segfault) on a weight that is not 16-byte aligned, and MKL's float kernels may sum in another order on
+    unaligned data (its documented "conditional numerical reproducibility" caveat; seen with
+    ``MKL_ENABLE_INSTRUCTIONS=SSE4_2``), so a reloaded model would not reproduce the saved one bit for bit.
+    """
+    if tensor.device.type == "meta" or tensor.data_ptr() % alignment == 0:
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def realign_parameters_(module: nn.Module) -> None:
+    """Give every parameter of `module` (recursively) aligned memory, in place, after a zero-copy load."""
+    for param in module.parameters():
+        param.data = aligned(param.data)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from ..registry import Technique, register_technique, registered_techniques
+from ..utils import realign_parameters_
 from .config import EmbeddingFactorizationConfig, LowRankLinearConfig
 from .embedding import apply_embedding_factorization, restructure_embedding_factorization, token_frequencies
 from .layers import FactorizedEmbedding, FactorizedLMHead, LowRankLinear
@@ -26,6 +27,14 @@ __all__ = [
     "token_frequencies",
 ]
 
+def _realign_factors(model, config) -> None:
+    """After loading: the factors get aligned memory (see `hf_compress.utils.aligned`), so a reloaded model computes
+    bit for bit what the saved one did, whatever the BLAS kernels do with unaligned data."""
+    for module in model.modules():
+        if isinstance(module, (FactorizedEmbedding, LowRankLinear)):
+            realign_parameters_(module)
+
+
 for _config_cls, _apply, _restructure in (
     (EmbeddingFactorizationConfig, apply_embedding_factorization, restructure_embedding_factorization),
     (LowRankLinearConfig, apply_low_rank_linear, restructure_low_rank_linear),
@@ -38,5 +47,6 @@ for _config_cls, _apply, _restructure in (
                 stage="factorize",
                 apply=_apply,
                 restructure=_restructure,
+                after_load=_realign_factors,
             )
         )

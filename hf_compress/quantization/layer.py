@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..utils import aligned
 from .algorithms import QuantizedWeight
 from .int4_layout import PORTABLE, layout_of, portable_state, to_portable_
 from .kernels import dequantized_weight, quantized_matmul
-from .packing import aligned, dequantize_groups, pack, unpack
+from .packing import dequantize_groups, pack, unpack
 
 
 __all__ = ["QuantLinear", "QuantEmbedding"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 
-__all__ = ["qrange", "pack_int4", "unpack_int4", "pack", "unpack", "dequantize_groups", "aligned"]
+__all__ = ["qrange", "pack_int4", "unpack_int4", "pack", "unpack", "dequantize_groups"]
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -68,14 +68,3 @@ def dequantize_groups(
         else torch.addcmul(zero.to(dtype).unsqueeze(-1), w, scale.to(dtype).unsqueeze(-1))
     )
     return w.reshape(shape)
-
-
-def aligned(tensor: torch.Tensor, alignment: int = 64) -> torch.Tensor:
-    """`tensor` itself if its data starts on an `alignment`-byte boundary, else an aligned copy.
-
-    Tensors loaded zero-copy from a safetensors mmap can start at any 8-byte offset, and
-    ``torch._weight_int8pack_mm`` reads out of bounds (a segfault) on a weight that is not 16-byte aligned.
-    """
-    if tensor.device.type == "meta" or tensor.data_ptr() % alignment == 0:
-        return tensor
-    return tensor.clone(memory_format=torch.contiguous_format)
