@@ -191,9 +191,23 @@ def test_dora_on_a_quantized_layer_trains(tmp_path):
 
 
 def test_transformers_add_adapter_uses_the_quantized_lora_layer(tmp_path):
+    import importlib.metadata
+
+    from packaging.version import Version
+    from transformers.integrations import peft as transformers_peft
+
     _, quantized = _quantized_classifier(tmp_path, bits=4)
     model = AutoModel.from_pretrained(quantized)
-    model.add_adapter(LoraConfig(r=4, target_modules=["query", "value"]))
+    config = LoraConfig(r=4, target_modules=["query", "value"])
+    needed = getattr(transformers_peft, "MIN_PEFT_VERSION", "0")
+    if Version(importlib.metadata.version("peft")) < Version(needed):
+        # transformers 5.24 asks for peft >= 0.22.0, newer than any release so far (0.21.2): requirements/tested.txt
+        # holds transformers at 5.23.0. With the newest releases the failure must be this clear error, and the
+        # get_peft_model path (tested above) is what still works.
+        with pytest.raises(ValueError, match=f"PEFT.*>= {needed}"):
+            model.add_adapter(config)
+        return
+    model.add_adapter(config)
     assert sum(isinstance(m, QuantLoraLinear) for m in model.modules()) == 4
 
 
