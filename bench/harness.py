@@ -37,6 +37,7 @@ __all__ = [
     "load_minilm",
     "run_benchmark",
     "format_table",
+    "machine_summary",
     "embed",
     "time_alternately",
 ]
@@ -241,10 +242,34 @@ def run_benchmark(
     return rows
 
 
+def machine_summary() -> str:
+    """One line naming what the timings depend on: CPU, its bf16/int8 ISA, torch's kernels and the compute dtype.
+
+    Latency ratios differ between CPUs with native bf16 (AVX512-BF16 / AMX), where ``compute_dtype="auto"`` picks
+    bfloat16, and CPUs without it (float32 compute), so every table says which kind it was measured on.
+    """
+    from hf_compress.quantization.kernels import preferred_compute_dtype
+
+    flags, model = set(), "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
+    dtype = str(preferred_compute_dtype("cpu")).removeprefix("torch.")
+    return (f"{model}; ISA: {' '.join(isa) or 'none of avx2/avx512/amx'}; ATen capability "
+            f"{torch.backends.cpu.get_cpu_capability()}; compute_dtype auto -> {dtype}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")  # fmt: skip
+
+
 def format_table(rows: Sequence[dict[str, Any]], title: str | None = None) -> str:
-    """Rows as a markdown table; floats get sensible precision, missing values show as "n/a"."""
+    """Rows as a markdown table; floats get sensible precision, missing values show as "n/a".
+
+    With a title, the line under it names the machine (`machine_summary`)."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    lines = [f"### {title}", ""] if title else []
+    lines = [f"### {title}", "", f"Machine: {machine_summary()}", ""] if title else []
     lines.append("| " + " | ".join(columns) + " |")
     lines.append("|" + "|".join("---" for _ in columns) + "|")
     for row in rows:

