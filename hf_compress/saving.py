@@ -4,8 +4,11 @@ Every folder hf_compress writes holds a manifest, ``.hf_compress_manifest.json``
 file: `push_to_hub` does not upload it). What may be written where:
 
 - a missing or empty folder: always;
-- any other folder, a previous hf_compress output included: only with ``overwrite=True``, and even then only the files
-  hf_compress owns (those in its manifest and those it is about to write) are replaced or removed, all others kept;
+- a previous hf_compress output that holds nothing else (every file is in its manifest): always, replaced as a whole
+  (running the same command twice works);
+- any other folder (also a previous output to which other files were added): only with ``overwrite=True``, and even
+  then only the files hf_compress owns (those in its manifest and those it is about to write) are replaced or
+  removed, all others kept;
 - the checkpoint the model was loaded from (also when reached through a symlink): only with ``overwrite="source"``;
 - an output path that is a symlink is followed: the real folder is written, the link stays a link.
 
@@ -125,10 +128,7 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool | str = Fals
         owned = commit.read_manifest(real)
         foreign = [n for n in names if n != MANIFEST and n not in commit.owned_paths(owned or set())]
         if owned is not None and not foreign:
-            raise FileExistsError(
-                f"output_dir {shown} already holds a model saved by hf_compress ({_some(names, skip=MANIFEST)}). Pass "
-                f"overwrite=True (CLI: --overwrite) to replace it, or choose another output folder."
-            )
+            return real  # a previous hf_compress output and nothing else: replaced as a whole, atomically
         raise FileExistsError(
             f"output_dir {shown} is not empty and holds files hf_compress did not write ({_some(foreign)}). Choose "
             f"a new or empty output folder, or pass overwrite=True (CLI: --overwrite) to save next to them: only the "

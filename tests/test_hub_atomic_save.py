@@ -116,12 +116,12 @@ def test_refuses_to_replace_a_file(tmp_path):
             pass
 
 
-def test_a_previous_output_is_replaced_only_with_overwrite(good):
-    before = _tree(good)
-    with pytest.raises(FileExistsError, match=r"already holds a model saved by hf_compress .*overwrite=True") as err:
-        save_compressed(tiny_model("bert", seed=1), good)
-    assert str(good) in str(err.value) and "config.json" in str(err.value)
-    assert _tree(good) == before
+def test_a_previous_output_holding_nothing_else_is_replaced_without_overwrite(good):
+    # `good` holds one previous save and nothing else: running the same command twice must work.
+    assert "notes/a.txt" in json.loads((good / MANIFEST).read_text())["files"]
+    save_compressed(tiny_model("bert", seed=1), good, extra_files={"b.txt": "second"})
+    assert (good / "b.txt").read_text() == "second" and not (good / "notes").exists()
+    assert AutoModel.from_pretrained(good) is not None
     with pytest.raises(ValueError, match=r"overwrite must be False, True .* or 'source'.*got 'yes'"):
         save_compressed(tiny_model("bert", seed=1), good, overwrite="yes")
 
