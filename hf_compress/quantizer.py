@@ -101,7 +101,7 @@ class HfCompressQuantizer(HfQuantizer):
                     "or calibration data). Load the model first, then call hf_compress.compress(model, ...)."
                 )
             handler = technique.quantize_on_load(technique_config)
-            handler.prepare(model)
+            handler.prepare(model, device=self._target_device)
             self._on_load_handlers.append(handler)
         return model
 

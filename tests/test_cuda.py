@@ -4,8 +4,9 @@ Needs a CUDA GPU: ``bash scripts/gpu_check.sh`` on a GPU machine runs it. ``HF_C
 same tests with the CPU standing in for the GPU (CPU vs CPU): a dry run of the test logic where there is no GPU.
 Which torch kernel ran is checked with spies on ``torch.<kernel>`` (hf_compress looks each one up at call time)
 against torch's kernel contracts; tolerances follow from the compute dtype's unit roundoff (bf16 keeps 8 significant
-bits: u = 2^-8; float32 24: u = 2^-24), see `_cuda_support`. Two tests are strict xfails on CUDA: suspected bugs
-found by reading (`GPTQ_BUG`, `ONLOAD_BUG`); an XPASS there means the reading was wrong, or the bug got fixed.
+bits: u = 2^-8; float32 24: u = 2^-24), see `_cuda_support`. Two bugs found by reading this
+module's targets were fixed before any GPU ran it (GPTQ's Hessians allocated on the CPU, and quantize-on-load
+resolving ``compute_dtype="auto"`` for the host CPU instead of the ``device_map`` target); their tests stay here.
 """
 
 from __future__ import annotations
@@ -45,8 +46,6 @@ COMPUTE = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, 
 # Big enough that every projection meets the CUDA int4 kernel's K % 128 (hidden 128, FFN 256); no dropout.
 LLAMA = dict(hidden_size=128, intermediate_size=256, tie_word_embeddings=False)
 BERT = dict(hidden_size=128, intermediate_size=256, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-GPTQ_BUG = "suspected bug: gptq.collect_hessians allocates each Hessian on the CPU (torch.zeros, no device)"
-ONLOAD_BUG = "suspected bug: quantize-on-load resolves compute_dtype='auto' on the meta skeleton (the CPU's dtype)"
 
 
 @pytest.fixture(params=[DEVICE])
@@ -199,8 +198,6 @@ def test_quantize_on_load_onto_device(device, compute, tmp_path, monkeypatch, re
     tiny_model("llama", **LLAMA).save_pretrained(tmp_path / "fp")
     if compute == "auto":  # with a host CPU without native bf16, only the target device can make "auto" bf16
         _old_cpu(monkeypatch)
-        if device.type == "cuda":
-            request.applymarker(pytest.mark.xfail(strict=True, reason=ONLOAD_BUG))
     dtype = preferred_compute_dtype(device) if compute == "auto" else compute
 
     def load(**kwargs):
@@ -221,7 +218,6 @@ def test_quantize_on_load_onto_device(device, compute, tmp_path, monkeypatch, re
     assert_model_close(out, _run(copy.deepcopy(loaded).to("cpu"), inputs), u)  # the same weights on the CPU
 
 
-@pytest.mark.xfail(strict=True, reason=ONLOAD_BUG)
 def test_quantize_on_load_auto_dtype_follows_device_map_simulated(monkeypatch):
     """Shown without a GPU: a CUDA target with bf16 and a host CPU without it; the handler picks the CPU's float32."""
     from hf_compress.quantizer import HfCompressQuantizer
@@ -238,8 +234,6 @@ def test_quantize_on_load_auto_dtype_follows_device_map_simulated(monkeypatch):
 
 
 def test_gptq_calibration_on_device(device, request):
-    if device.type == "cuda":
-        request.applymarker(pytest.mark.xfail(strict=True, raises=RuntimeError, reason=GPTQ_BUG))
     batches = [tiny_inputs("bert", 8, 16, seed=s) for s in range(2)]
     inputs = tiny_inputs("bert", 4, 16, seed=9)
     reference = _run(tiny_model("bert", **BERT), inputs)

@@ -39,7 +39,7 @@ def collect_hessians(model: nn.Module, names: list[str], batches) -> dict[str, t
         def fn(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             if name not in hessians:
-                hessians[name] = torch.zeros(x.shape[1], x.shape[1])
+                hessians[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
                 counts[name] = 0
             hessians[name].addmm_(x.t(), x)
             counts[name] += x.shape[0]
@@ -76,9 +76,10 @@ def gptq_weight(
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     lo, hi = qrange(spec.bits)
     g = spec.group_size
-    scales = torch.empty(rows, cols // g)
-    zeros = None if spec.symmetric else torch.empty(rows, cols // g)
-    q_all = torch.empty(rows, cols, dtype=torch.int8)
+    # On the weight's device: a CPU result buffer would cost a device-to-host copy per column on CUDA.
+    scales = torch.empty(rows, cols // g, device=w.device)
+    zeros = None if spec.symmetric else torch.empty(rows, cols // g, device=w.device)
+    q_all = torch.empty(rows, cols, dtype=torch.int8, device=w.device)
     scale = zero = None
     for start in range(0, cols, _BLOCK):
         end = min(start + _BLOCK, cols)

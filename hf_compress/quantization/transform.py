@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..utils import replace_module, select_modules
+from ..utils import check_pattern_matches, matches, replace_module, select_modules
 from .algorithms import quantize_blocks
 from .config import ModuleSpec, WeightQuantizationConfig
 from .layer import QuantEmbedding, QuantLinear
@@ -105,20 +105,41 @@ def plan(model: nn.Module, config: WeightQuantizationConfig) -> dict[str, Module
         types += (nn.Embedding,)
     skip = _tied_skip(model)
     decoder = _is_decoder(model)
+    quantized = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    try:
+        selected = list(select_modules(model, types, config.target_modules, config.exclude_modules))
+    except ValueError:
+        if quantized and config.target_modules is not None and any(matches(n, config.target_modules) for n in quantized):
+            raise _already_quantized(model, quantized) from None
+        raise
+    eligible = [n for n, m in model.named_modules() if isinstance(m, types)]
+    check_pattern_matches("exclude_modules", config.exclude_modules, eligible)
     chosen = {}
-    for name, module in select_modules(model, types, config.target_modules, config.exclude_modules):
+    for name, module in selected:
         if id(module) in skip or isinstance(module, (QuantLinear, QuantEmbedding)):
             continue
         kind = _kind(module)
         in_features = module.weight.shape[0] if kind == "conv1d" else module.weight.shape[1]
         chosen[name] = config.spec_for(name, kind, in_features, decoder)
+    if not chosen and quantized:
+        raise _already_quantized(model, quantized)
     if not chosen:
         raise ValueError(
             f"No module of {type(model).__name__} was selected for quantization (target_modules="
             f"{config.target_modules!r}, exclude_modules={config.exclude_modules!r}). It must contain nn.Linear, "
             "Conv1D or nn.Embedding modules."
         )
+    for pattern in config.overrides or {}:  # a misspelt override would silently keep the default precision
+        check_pattern_matches(f"overrides pattern {pattern!r}", [pattern], list(chosen), pattern, "quantized module")
     return chosen
+
+
+def _already_quantized(model: nn.Module, quantized: list[str]) -> ValueError:
+    return ValueError(
+        f"{type(model).__name__} is already quantized ({len(quantized)} modules such as {quantized[0]!r} hold packed "
+        "weights): quantizing again would only add error. Start from the floating-point model, or leave out the "
+        "weight_quantization config."
+    )
 
 
 def _new_module(
@@ -267,11 +288,13 @@ class _OnLoadHandler:
         self.stored: dict[str, list] = {}
         self.compute_dtype = torch.float32
 
-    def prepare(self, model: PreTrainedModel) -> None:
+    def prepare(self, model: PreTrainedModel, device: torch.device | str | None = None) -> None:
+        """Plan the skeleton's quantization; `device` is where the model will run (``device_map``), which decides
+        what ``compute_dtype="auto"`` means (the skeleton itself is on the meta device)."""
         # The skeleton keeps its float modules (so the loader routes the checkpoint's `.weight` keys to us); each
         # is replaced by its quantized module inside the conversion op, when its weight arrives.
         self.specs = plan(model, self.config)
-        self.compute_dtype = self.config.compute_dtype_for(_device(model))
+        self.compute_dtype = self.config.compute_dtype_for(device if device is not None else _device(model))
         self.stored = {stored_name(model, name): spec.to_list() for name, spec in self.specs.items()}
 
     def param_needs_quantization(self, model: PreTrainedModel, param_name: str) -> bool:
