@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from .config import CompressionConfig, TechniqueConfig, check_canonical_order
 from .quantizer import attach_recipe, get_recipe
 from .registry import get_technique
+from .validation import check_supported
 
 
 if TYPE_CHECKING:
@@ -29,6 +30,10 @@ def apply_compression(
         *configs (`TechniqueConfig`): what to apply.
         calibration_data (`datasets.Dataset | list[str]`, *optional*): text for data-aware techniques.
 
+    Raises:
+        `UnsupportedArchitectureError` (a `ValueError`): a model family without an adapter in
+            `hf_compress.adapters.ADAPTERS`, before anything is changed.
+
     Returns:
         The same model object, compressed; ``model.config.quantization_config`` is its `CompressionConfig`.
 
@@ -44,6 +49,7 @@ def apply_compression(
             raise TypeError(
                 f"Expected technique configs such as WeightQuantizationConfig(bits=8), got {type(config).__name__}."
             )
+    check_supported(model)  # before any change: a family without an adapter would not reload
     previous = get_recipe(model)
     done = list(previous.techniques) if previous is not None else []
     ordered = sorted(configs, key=lambda c: get_technique(c.method).order)

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -36,11 +37,59 @@ RANKS = (None, 256, 192, 128, 96, 64)
 HEAD_FRACTIONS = (0.0, 1 / 6, 1 / 3)
 FFN_FRACTIONS = (0.0, 0.25, 0.5)
 # Weight formats: (bits, group size); None = one scale per row. Layers and embeddings choose independently.
+# These are the nominal groups; `Space.for_model` replaces a group that does not divide the model's widths.
 FORMATS = {"int8": (8, None), "int4-g64": (4, 64), "int4-g32": (4, 32)}
 MARGIN = 0.97
 # Prior damage of each choice, used only to order which fitting candidates get measured first.
 _RANK_DAMAGE = {None: 0.0, 256: 0.05, 192: 0.08, 128: 0.15, 96: 0.22, 64: 0.3}
-_FORMAT_DAMAGE = {"int8": 0.0, "int4-g32": 0.12, "int4-g64": 0.15}
+
+
+def _format_damage(bits: int, group: int | None) -> float:
+    return 0.0 if bits == 8 else (0.12 if (group or 0) <= 32 else 0.15)
+
+
+@dataclass(frozen=True)
+class Space:
+    """What the model allows: weight formats whose groups divide its widths, the FFN rounding that keeps pruned
+    sizes divisible by them, and the pattern naming its embeddings (for their separate format)."""
+
+    formats: tuple[tuple[str, int, int | None], ...] = tuple((k, *v) for k, v in FORMATS.items())
+    round_to: int = 64
+    embeddings: str = r".*embeddings.*"
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> Space:
+        """Group sizes that divide every quantized input width of `model` (312 wide TinyBERT: 24, not 32/64).
+
+        A nominal group that does not divide them becomes the largest even divisor of their gcd below it; with an
+        odd gcd there is no 4-bit format (two values per byte need even groups). Kept FFN sizes are rounded to a
+        multiple of every group (64 with the nominal ones), so pruning never breaks the divisibility.
+        """
+        from transformers.pytorch_utils import Conv1D
+
+        widths = {
+            m.in_features if isinstance(m, nn.Linear) else m.weight.shape[0] if isinstance(m, Conv1D)
+            else m.embedding_dim
+            for m in model.modules() if isinstance(m, (nn.Linear, Conv1D, nn.Embedding))
+        }  # fmt: skip
+        common = math.gcd(*widths) if widths else 64
+        formats: dict[str, tuple[int, int | None]] = {}
+        for bits, group in FORMATS.values():
+            if group is not None and common % group:
+                group = next((g for g in range(group, 1, -1) if common % g == 0 and g % 2 == 0), None)
+                if group is None:
+                    continue
+            formats.setdefault(f"int{bits}" + (f"-g{group}" if group else ""), (bits, group))
+        groups = [g for _, g in formats.values() if g]
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+        linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+        pattern = cls.embeddings  # BERT-like names; GPT-2's wte/wpe get an explicit pattern
+        if not all(re.fullmatch(pattern, n) for n in names) or any(re.fullmatch(pattern, n) for n in linears):
+            pattern = "(" + "|".join(re.escape(n) for n in names) + r")(\..*)?"
+        return cls(tuple((k, *v) for k, v in formats.items()), math.lcm(*groups) if groups else 64, pattern)
+
+    def format(self, name: str) -> tuple[int, int | None]:
+        return next((bits, group) for key, bits, group in self.formats if key == name)
 
 
 def parse_budget(budget: float | str, original_bytes: int) -> int:
@@ -67,6 +116,7 @@ class Candidate:
     estimated_bytes: int = 0
     measured_bytes: int | None = None
     cosine: float | None = None
+    space: Space = field(default_factory=Space, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -81,45 +131,63 @@ class Candidate:
     @property
     def damage(self) -> float:
         return (self.head_fraction + 0.8 * self.ffn_fraction + _RANK_DAMAGE.get(self.rank, 0.3)
-                + _FORMAT_DAMAGE[self.layers] + _FORMAT_DAMAGE[self.embeddings] / 3)  # fmt: skip
+                + _format_damage(*self.space.format(self.layers))
+                + _format_damage(*self.space.format(self.embeddings)) / 3)  # fmt: skip
 
     def valid(self) -> bool:
         """Group sizes must divide the factor rank (the input features of the projection and the token factor)."""
-        return not self.rank or all(self.rank % (FORMATS[f][1] or 1) == 0 for f in (self.layers, self.embeddings))
+        groups = [self.space.format(f)[1] or 1 for f in (self.layers, self.embeddings)]
+        return not self.rank or all(self.rank % g == 0 for g in groups)
 
     def structure_configs(self) -> list:
         configs = []
         if self.head_fraction:
             configs.append(build_config("head_pruning", fraction=self.head_fraction, max_samples=64))
-        if self.ffn_fraction:  # kept sizes stay multiples of 64, so every 4-bit group size divides them
-            configs.append(build_config("ffn_pruning", fraction=self.ffn_fraction, round_to=64, max_samples=64))
+        if self.ffn_fraction:  # kept sizes stay multiples of every group size (64 for groups of 32 and 64)
+            configs.append(build_config("ffn_pruning", fraction=self.ffn_fraction, round_to=self.space.round_to,
+                                        max_samples=64))  # fmt: skip
         if self.rank:
             configs.append(build_config("embedding_factorization", rank=self.rank))
         return configs
 
     def quant_config(self, algorithm: str | None = None):
-        bits, group = FORMATS[self.layers]
+        bits, group = self.space.format(self.layers)
         kwargs: dict[str, Any] = {"bits": bits, "group_size": group}
         if self.embeddings != self.layers:
-            e_bits, e_group = FORMATS[self.embeddings]
-            kwargs["overrides"] = {r".*embeddings.*": {"bits": e_bits, "group_size": e_group, "symmetric": None}}
+            e_bits, e_group = self.space.format(self.embeddings)
+            kwargs["overrides"] = {self.space.embeddings: {"bits": e_bits, "group_size": e_group, "symmetric": None}}
         if algorithm:
             kwargs["algorithm"] = algorithm
         return build_config("weight_quantization", **kwargs)
 
 
-def _bytes_per_param(model: nn.Module) -> dict[str, dict[str, float]]:
+def _bytes_per_param(model: nn.Module, space: Space) -> dict[str, dict[str, float]]:
     """Measured bytes per parameter of each category after quantizing a copy in each format (round-to-nearest)."""
     from .api import apply_compression
 
     rates = {}
-    for name, (bits, group) in FORMATS.items():
+    for name, bits, group in space.formats:
         trial = copy.deepcopy(model)
         apply_compression(trial, build_config("weight_quantization", bits=bits, group_size=group, algorithm="rtn"))
         sizes = size_breakdown(trial)["breakdown"]
         rates[name] = {cat: v["bytes"] / max(v["params"], 1) for cat, v in sizes.items()}
         del trial
     return rates
+
+
+def _removing(fractions: tuple[float, ...], model: nn.Module, kind: str, round_to: int = 1) -> list[float]:
+    """The fractions that remove something from this model (0 always stays): a share of heads must round to at
+    least one head, and a share of FFN neurons to at least `round_to` per layer, so that rounding the kept sizes up
+    to multiples of `round_to` cannot give every layer back its full size."""
+    from .adapters import get_adapter, num_heads
+    from .pruning.transform import ffn_size
+
+    layers = get_adapter(model).layer_modules(model)
+    if kind == "heads":
+        total, least = num_heads(model) * len(layers), 1
+    else:
+        total, least = sum(ffn_size(model, layer) for layer in layers), round_to * len(layers)
+    return [f for f in fractions if not f or round(f * total) >= least]
 
 
 def estimate(candidate: Candidate, sizes: dict[str, Any], rates: dict[str, dict[str, float]], vocab: int,
@@ -171,16 +239,21 @@ def search_budget(model: nn.Module, budget: float | str, *, calibration_data: An
 
     if calibration_data is None:
         raise ValueError("Budget mode measures candidates on data: pass calibration_data=[texts] (or --calibration).")
+    if isinstance(max_measured, bool) or not isinstance(max_measured, int) or max_measured < 1:
+        raise ValueError(f"max_measured must be an integer >= 1, got {max_measured!r}.")
     eval_texts = eval_texts or list(calibration_data)[:64]
     original = original if original is not None else model
     sizes = size_breakdown(original)
     target = parse_budget(budget, sizes["bytes"])
     config = original.config.get_text_config()
     vocab, hidden = int(config.vocab_size), int(config.hidden_size)
-    rates = _bytes_per_param(original)
-
-    grid = [Candidate(r, h, f, lay, emb) for r in RANKS for h in HEAD_FRACTIONS for f in FFN_FRACTIONS
-            for lay in FORMATS for emb in FORMATS]  # fmt: skip
+    space = Space.for_model(original)
+    rates = _bytes_per_param(original, space)
+    names = [name for name, _, _ in space.formats]
+    heads = _removing(HEAD_FRACTIONS, original, "heads")
+    ffns = _removing(FFN_FRACTIONS, original, "ffn", space.round_to)
+    grid = [Candidate(r, h, f, lay, emb, space=space) for r in RANKS for h in heads for f in ffns
+            for lay in names for emb in names]  # fmt: skip
     # A factorization must hold fewer parameters than the table it replaces.
     grid = [c for c in grid if c.valid() and (not c.rank or c.rank * (vocab + hidden) < vocab * hidden)]
     for cand in grid:

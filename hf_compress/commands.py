@@ -118,6 +118,8 @@ def run_compress(args: argparse.Namespace, argv: list[str]) -> int:
         )
     if args.token and not args.push_to_hub:
         raise ValueError("--token is only used with --push-to-hub USER/NAME: add --push-to-hub, or drop --token.")
+    if args.max_samples < 1:
+        raise ValueError(f"--max-samples must be at least 1 (calibration texts used), got {args.max_samples}.")
     model, name = (args.model, Path(args.model.rstrip("/")).name) if args.model else _default_model()
     output_dir = args.output_dir or f"{name}-hf_compress"
     calibration = load_texts(args.calibration, "train", args.max_samples)

@@ -14,11 +14,13 @@ from typing import Any
 import torch
 
 from .api import apply_compression
+from .calibration import check_tokenizer_fits, texts_of
 from .config import CompressionConfig, TechniqueConfig
 from .presets import DEFAULT_PRESET, preset_configs
 from .registry import get_technique
 from .report import CompressionReport, measure_report
 from .saving import check_output_dir, save_compressed, source_folders
+from .validation import check_compress_args, check_supported, load_config, recipe_configs
 
 
 __all__ = ["compress", "CompressionResult", "load_model"]
@@ -43,11 +45,14 @@ class CompressionResult:
         return f"CompressionResult({type(self.model).__name__}{where}){table}"
 
 
-def load_model(model_or_id: Any, auto_class: Any = None, tokenizer: Any = None) -> tuple[Any, Any, str]:
+def load_model(model_or_id: Any, auto_class: Any = None, tokenizer: Any = None,
+               supported_only: bool = False) -> tuple[Any, Any, str]:  # fmt: skip
     """(model, tokenizer, name) for a model object, a local folder or a Hub id.
 
     A folder or id is loaded with the class named in its ``config.json`` ``architectures`` (so a classifier keeps
     its head), or `auto_class` when given; the tokenizer saved with it is loaded too when there is one.
+    `supported_only` (what `compress` asks for) refuses, before the weights are read, a family hf_compress has no
+    adapter for, and a tokenizer with more tokens than the embedding has rows.
     """
     import transformers
 
@@ -57,14 +62,15 @@ def load_model(model_or_id: Any, auto_class: Any = None, tokenizer: Any = None) 
                 f"compress() takes a model, a local folder or a Hub id such as 'user/name'; got "
                 f"{type(model_or_id).__name__}."
             )
+        if supported_only:
+            check_supported(model_or_id)
+            check_tokenizer_fits(model_or_id, tokenizer)
         name = getattr(getattr(model_or_id, "config", None), "_name_or_path", "") or type(model_or_id).__name__
         return model_or_id, tokenizer, str(name)
     source = str(model_or_id)
-    if not os.path.exists(source) and (source.startswith(("/", ".", "~")) or source.count("/") > 1):
-        raise FileNotFoundError(f"{source} does not exist, and it is not a Hub id ('user/name') either.")
-    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, "config.json")):
-        raise FileNotFoundError(f"{source} is a folder without config.json: it is not a transformers checkpoint.")
-    config = transformers.AutoConfig.from_pretrained(source)
+    config = load_config(source)
+    if supported_only:
+        check_supported(config, source)
     cls = auto_class
     if cls is None:
         arch = (getattr(config, "architectures", None) or [None])[0]
@@ -80,6 +86,8 @@ def load_model(model_or_id: Any, auto_class: Any = None, tokenizer: Any = None) 
             tokenizer = transformers.AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError, TypeError):
             tokenizer = None  # vision models, or a checkpoint saved without its tokenizer
+    if supported_only:
+        check_tokenizer_fits(model, tokenizer)
     return model, tokenizer, source
 
 
@@ -173,10 +181,16 @@ def compress(
         configs, preset_distill = preset_configs(preset)
         distill = preset_distill if distill is None else distill
     elif recipe is not None:
-        configs = tuple(_recipe_configs(recipe))
+        configs = tuple(recipe_configs(recipe))
     for config in configs:
         if not isinstance(config, TechniqueConfig):
             raise TypeError(f"Expected technique configs such as HeadPruningConfig(...), got {type(config).__name__}.")
+    structural = any(get_technique(c.method).stage != "quantize" for c in configs)
+    forms = check_compress_args(dict(preset=preset, budget=budget, calibration_data=calibration_data,
+                                     eval_data=eval_data, task_data=task_data, metric=metric, distill=distill,
+                                     output_dir=output_dir, push_to_hub=push_to_hub, token=token, measure=measure,
+                                     card=card, private=private, progress=progress, max_eval_texts=max_eval_texts,
+                                     latency_rounds=latency_rounds), structural)  # fmt: skip
 
     if output_dir is not None:  # refuse a folder before the work, not after it
         check_output_dir(output_dir, overwrite, source_folders(model_or_id, tokenizer))
@@ -185,10 +199,15 @@ def compress(
     bar = _StageBar(stages, enabled=progress)
     try:
         bar.next("load")
-        model, tokenizer, base_name = load_model(model_or_id, auto_class=auto_class, tokenizer=tokenizer)
+        model, tokenizer, base_name = load_model(model_or_id, auto_class=auto_class, tokenizer=tokenizer,
+                                                 supported_only=True)  # fmt: skip
+        if distill and structural and budget is None and tokenizer is None:
+            raise ValueError("Recovery distillation needs the model's tokenizer: pass tokenizer=... to compress().")
         seconds["load"] = time.perf_counter() - start
         original = copy.deepcopy(model) if (measure or distill or budget is not None) else None
-        eval_texts = _texts(eval_data if eval_data is not None else calibration_data, max_eval_texts)
+        texts_from = "eval_data" if eval_data is not None else "calibration_data"
+        eval_texts = texts_of(eval_data if eval_data is not None else calibration_data, forms[texts_from])
+        eval_texts = eval_texts[:max_eval_texts] if eval_texts else None
         choice = None
 
         t = time.perf_counter()
@@ -288,32 +307,6 @@ def _apply(model, configs, calibration_data, original, distill, tokenizer) -> No
             recover(model, original, calibration_data, tokenizer=tokenizer, **kwargs)
     if quantize:
         apply_compression(model, *quantize, calibration_data=calibration_data)
-
-
-def _texts(data: Any, limit: int) -> list[str] | None:
-    if data is None:
-        return None
-    if isinstance(data, (list, tuple)) and all(isinstance(t, str) for t in data):
-        return list(data)[:limit]
-    if getattr(data, "column_names", None) and "text" in data.column_names:
-        return list(data["text"][:limit])
-    return None
-
-
-def _recipe_configs(recipe: Any) -> list[TechniqueConfig]:
-    if isinstance(recipe, CompressionConfig):
-        return [TechniqueConfig.from_dict(t.to_dict()) for t in recipe.techniques]
-    if isinstance(recipe, (str, os.PathLike)):
-        path = Path(recipe)
-        if not path.is_file():
-            raise FileNotFoundError(f"Recipe file {path} not found; expected a JSON list of technique dicts.")
-        recipe = json.loads(path.read_text())
-        recipe = recipe.get("techniques", recipe) if isinstance(recipe, dict) else recipe
-    if not isinstance(recipe, list):
-        raise TypeError(
-            f"recipe must be a CompressionConfig, a list of technique dicts or a JSON path; got {recipe!r}."
-        )
-    return [r if isinstance(r, TechniqueConfig) else TechniqueConfig.from_dict(r) for r in recipe]
 
 
 def save_result(result: CompressionResult, output_dir, base_name: str, repo_id: str | None = None, card: bool = True,

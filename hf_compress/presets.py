@@ -67,6 +67,10 @@ def build_config(method: str, **kwargs: Any) -> TechniqueConfig:
 
 def preset_configs(name: str) -> tuple[list[TechniqueConfig], bool]:
     """The technique configs of preset `name` and whether it asks for recovery distillation."""
+    if not isinstance(name, str):
+        from .validation import WrongTypeError
+
+        raise WrongTypeError(f"preset must be a preset name (str), one of {sorted(PRESETS)}; got {name!r}.")
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}. Choose one of {sorted(PRESETS)} (default {DEFAULT_PRESET!r}).")
     preset = PRESETS[name]

@@ -28,6 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calibration import data_form, texts_of, usable_length
+from .validation import check_bool, check_number
+
 
 __all__ = ["recover", "trainable_parameters", "TRAIN_CHOICES"]
 
@@ -180,7 +183,14 @@ def recover(student: nn.Module, teacher: nn.Module, texts: Any, *, tokenizer: An
         )
     if tokenizer is None:
         raise ValueError("Recovery distillation needs the model's tokenizer: pass tokenizer=... to compress().")
-    for name, value in (("max_steps", max_steps), ("max_seconds", max_seconds)):
+    for name, value, integer in (("max_steps", max_steps, True), ("max_seconds", max_seconds, False),
+                                 ("learning_rate", learning_rate, False), ("warmup", warmup, False)):  # fmt: skip
+        check_number(name, value, integer=integer, optional=name != "warmup")  # the type; ranges below
+    for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+        check_number(name, value, low=1, integer=True)
+    for name, value in (("dropout", dropout), ("keep_better", keep_better)):
+        check_bool(name, value)
+    for name, value in (("max_steps", max_steps), ("max_seconds", max_seconds), ("learning_rate", learning_rate)):
         if value is not None and not value > 0:
             raise ValueError(f"{name} must be > 0 (or None for no limit of that kind), got {value!r}.")
     if not 0.0 <= warmup < 1.0:
@@ -190,7 +200,8 @@ def recover(student: nn.Module, teacher: nn.Module, texts: Any, *, tokenizer: An
     train = _resolve_train(student, train)
     chosen = trainable_parameters(student, train)
     learning_rate = _DEFAULT_LR[train] if learning_rate is None else learning_rate
-    rows = list(texts) if isinstance(texts, (list, tuple)) else list(texts["text"])
+    rows = texts_of(texts, data_form("calibration_data", texts, batches=False))  # recovery trains on texts
+    max_length = usable_length(student, tokenizer, max_length)  # a model with 64 positions takes 64 tokens
     held_out: list[str] = []
     if keep_better and len(rows) >= 20:
         count = min(64, max(4, len(rows) // 10))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
-from .calibration import calibration_batches
+from .calibration import calibration_batches, usable_length
 from .utils import count_parameters, model_bytes
 
 
@@ -267,7 +267,7 @@ def task_metrics(models: dict[str, nn.Module], dataset: Any, metric: str, tokeni
     scorer = load_metric(metric)
     results, mode = {}, "logits"
     for key, model in models.items():
-        batches = list(calibration_batches(model, texts, tokenizer=tokenizer, batch_size=batch_size))
+        batches = list(calibration_batches(model, texts, tokenizer=tokenizer, batch_size=batch_size, name="task_data"))
         if _has_logits(model, batches[0]):
             preds = _argmax_logits(model, batches)
             results[key] = scorer.compute(predictions=preds, references=labels)
@@ -298,7 +298,9 @@ def measure_report(original, model, tokenizer, base_name, eval_texts, task_data=
                    latency_rounds: int = 3):  # fmt: skip
     """Build the `CompressionReport` of `model` against `original` (sizes, latency, fidelity, task metric)."""
     from .quantizer import get_recipe
+    from .validation import check_number
 
+    check_number("latency_rounds", latency_rounds, low=0, integer=True, hint=" 0 skips the latency measurement.")
     recipe = get_recipe(model)
     report = CompressionReport(
         base_model=base_name,
@@ -310,7 +312,7 @@ def measure_report(original, model, tokenizer, base_name, eval_texts, task_data=
     if batch is not None:
         report.latency = latency_ratio(original, model, batch, rounds=latency_rounds)
     if eval_texts and tokenizer is not None:
-        batches = list(calibration_batches(model, eval_texts, tokenizer=tokenizer, batch_size=32))
+        batches = list(calibration_batches(model, eval_texts, tokenizer=tokenizer, batch_size=32, name="eval_data"))
         report.fidelity = embedding_fidelity(original, model, batches)
     if task_data is not None and tokenizer is not None:
         report.task = task_metrics({"before": original, "after": model}, task_data, metric, tokenizer)
@@ -318,14 +320,15 @@ def measure_report(original, model, tokenizer, base_name, eval_texts, task_data=
 
 
 def _latency_batch(model, tokenizer, texts, batch_size: int = 32, length: int = 128):
-    """32 x 128 tokens (real text repeated when given, random ids otherwise), as the benchmarks use."""
+    """32 x 128 tokens (real text repeated when given, random ids otherwise), as the benchmarks use; fewer tokens
+    for a model with fewer positions (`usable_length`)."""
     config = model.config.get_text_config()
+    length = usable_length(model, tokenizer, length)
     if tokenizer is not None and texts:
         chosen = (texts * (batch_size // len(texts) + 1))[:batch_size]
         return dict(tokenizer(chosen, padding="max_length", truncation=True, max_length=length, return_tensors="pt"))
     vocab = getattr(config, "vocab_size", None)
     if vocab is None:
         return None
-    length = min(length, getattr(config, "max_position_embeddings", length) or length)
     ids = torch.randint(0, vocab, (batch_size, length), generator=torch.Generator().manual_seed(0))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

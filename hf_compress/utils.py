@@ -9,7 +9,16 @@ import torch
 from torch import nn
 
 
-__all__ = ["matches", "select_modules", "replace_module", "model_bytes", "count_parameters", "aligned", "realign_parameters_"]
+__all__ = [
+    "matches",
+    "select_modules",
+    "check_pattern_matches",
+    "replace_module",
+    "model_bytes",
+    "count_parameters",
+    "aligned",
+    "realign_parameters_",
+]
 
 
 def matches(name: str, patterns: list[str] | str | None) -> bool:
@@ -47,6 +56,23 @@ def select_modules(
             "or a full-match regex."
         )
     return iter(chosen)
+
+
+def check_pattern_matches(what: str, patterns: list[str] | str | None, names: list[str], regex: str | None = None,
+                          kind: str = "module") -> None:  # fmt: skip
+    """Raise when `patterns` (a suffix list or a full-match regex; or `regex`) match none of `names`.
+
+    `select_modules` raises for a `target_modules` typo; this gives exclude and override patterns the same check,
+    since a misspelt one would otherwise be silently ignored. As for targets, a list passes when any item matches
+    (so one list can serve several families).
+    """
+    if patterns is None or any(matches(n, patterns) or (regex is not None and matches(n, regex)) for n in names):
+        return
+    shown = what if " pattern" in what else f"{what} pattern {patterns!r}"
+    raise ValueError(
+        f"{shown} matches no {kind}; {kind}s look like {names[:6]}. Use suffixes of those names (e.g. "
+        "['attention.output.dense']) or a full-match regex."
+    )
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

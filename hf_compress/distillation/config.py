@@ -131,6 +131,9 @@ class DistillationArguments(TrainingArguments):
             raise ValueError(
                 f"teacher_dtype must be one of {sorted(TEACHER_DTYPES)} or None, got {self.teacher_dtype!r}."
             )
+        if self.projection_lr is not None and (isinstance(self.projection_lr, bool)
+                                               or not isinstance(self.projection_lr, (int, float))):  # fmt: skip
+            raise TypeError(f"projection_lr must be a number > 0 or None (learning_rate), got {self.projection_lr!r}.")
         if self.projection_lr is not None and not self.projection_lr > 0:
             raise ValueError(f"projection_lr must be > 0 (or None for learning_rate), got {self.projection_lr}.")
         self.layer_map = parse_layer_map(self.layer_map)

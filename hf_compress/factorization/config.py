@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ..config import TechniqueConfig
+from ..validation import WrongTypeError, check_bool, check_number, check_patterns, describe
 
 
 __all__ = ["EmbeddingFactorizationConfig", "LowRankLinearConfig", "INIT_METHODS"]
@@ -25,11 +26,17 @@ def _check_choice(rank, energy, param_budget, owner: str, allow_none: bool = Fal
             f"{owner}(rank=128), {owner}(energy=0.9) or {owner}(param_budget=0.35)."
         )
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"rank must be a positive integer, got {rank!r}.")
-    if energy is not None and not 0.0 < float(energy) <= 1.0:
-        raise ValueError(f"energy is the fraction of the spectrum's energy to keep, in (0, 1]; got {energy!r}.")
+        error = ValueError if isinstance(rank, int) and not isinstance(rank, bool) else WrongTypeError
+        raise error(f"rank must be a positive integer, got {describe(rank)}.")
+    energy_rule = "energy is the fraction of the spectrum's energy to keep, a number in (0, 1] such as 0.9"
+    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float))):
+        raise WrongTypeError(f"{energy_rule}; got {describe(energy)}.")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise ValueError(f"{energy_rule}; got {energy!r} (not in (0, 1]).")
     if param_budget is not None:
-        if isinstance(param_budget, bool) or not isinstance(param_budget, (int, float)) or param_budget <= 0:
+        if isinstance(param_budget, bool) or not isinstance(param_budget, (int, float)):
+            raise WrongTypeError(f"param_budget must be a positive number, got {describe(param_budget)}.")
+        if not param_budget > 0 or param_budget != param_budget:
             raise ValueError(f"param_budget must be a positive number, got {param_budget!r}.")
         if isinstance(param_budget, float) and param_budget >= 1.0:
             raise ValueError(
@@ -81,13 +88,12 @@ class EmbeddingFactorizationConfig(TechniqueConfig):
 
     def __post_init__(self) -> None:
         _check_choice(self.rank, self.energy, self.param_budget, type(self).__name__)
-        if self.init not in INIT_METHODS:
+        if not isinstance(self.init, str) or self.init not in INIT_METHODS:
             raise ValueError(f"init must be one of {INIT_METHODS}, got {self.init!r}.")
-        if self.smoothing < 0:
-            raise ValueError(f"smoothing must be >= 0, got {self.smoothing}.")
+        check_number("smoothing", self.smoothing, low=0, hint=" It is the count added to every token (default 1.0).")
+        check_bool("center", self.center)
         for name in ("max_calibration_texts", "sensitivity_texts"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+            check_number(name, getattr(self, name), low=1, integer=True)
 
 
 @dataclass
@@ -136,10 +142,14 @@ class LowRankLinearConfig(TechniqueConfig):
                 f"LowRankLinearConfig.param_budget is a fraction in (0, 1) of the targeted layers' parameters, "
                 f"got the int {self.param_budget}."
             )
-        if not 0.0 <= self.min_saving < 1.0:
-            raise ValueError(f"min_saving must be in [0, 1), got {self.min_saving}.")
-        if self.whiten not in ("auto", "activation", "none"):
+        check_number("min_saving", self.min_saving, low=0, high=1, high_open=True)
+        if not isinstance(self.whiten, str) or self.whiten not in ("auto", "activation", "none"):
             raise ValueError(f"whiten must be 'auto', 'activation' or 'none', got {self.whiten!r}.")
+        check_number("max_calibration_texts", self.max_calibration_texts, low=1, integer=True)
+        check_patterns("target_modules", self.target_modules)
+        check_patterns("exclude_modules", self.exclude_modules)
+        if self.ranks is not None and not isinstance(self.ranks, dict):
+            raise WrongTypeError(f"ranks must be a dict {{module name: rank}}, got {describe(self.ranks)}.")
         if self.ranks is not None:
             bad = {k: v for k, v in self.ranks.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
             if bad:

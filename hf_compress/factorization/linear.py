@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 from ..adapters import get_adapter
 from ..calibration import calibration_batches
 from ..config import TechniqueConfig
-from ..utils import matches, replace_module
+from ..utils import check_pattern_matches, matches, replace_module
 from .config import LowRankLinearConfig
 from .layers import FactorizedEmbedding, FactorizedLMHead, LowRankLinear
 from .svd import factor_params, rank_for_energy, whitened_svd
@@ -58,6 +58,7 @@ def _targets(model: PreTrainedModel, config: LowRankLinearConfig) -> dict[str, n
                 f"target_modules {config.target_modules!r} matched no linear layer of {type(base).__name__}. Names "
                 f"(relative to the base model) look like {examples}."
             )
+    check_pattern_matches("exclude_modules", config.exclude_modules, list(found), kind="targeted linear layer")
     return {
         n: m for n, m in found.items() if id(m) not in inside_factorized and not matches(n, config.exclude_modules)
     }

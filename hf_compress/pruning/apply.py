@@ -145,6 +145,11 @@ def apply_head_pruning(model: nn.Module, config: HeadPruningConfig, calibration_
     method, scores = _scores(model, "heads", config, calibration_data)
     total = sum(len(h) for h in heads)
     to_remove = config.num_heads_to_prune if config.fraction is None else round(config.fraction * total)
+    if config.fraction and not to_remove:  # before scoring: a fraction that rounds to no head is a mistake
+        raise ValueError(
+            f"HeadPruningConfig(fraction={config.fraction}) removes round({config.fraction} * {total} heads) = 0 "
+            f"heads. Use fraction >= {1 / total:.3g} (one head), or num_heads_to_prune=1."
+        )
     plan = plan_heads(model, heads, scores, to_remove, config)
     matrix = _importance_matrix(model, heads, scores)
     prune_heads(model, plan)
@@ -168,6 +173,7 @@ def apply_ffn_pruning(model: nn.Module, config: FFNPruningConfig, calibration_da
     """Rank and remove FFN neurons of `model` in place; return the config with explicit `intermediate_sizes`."""
     layers = get_adapter(model).layer_modules(model)
     sizes = [ffn_size(model, layer) for layer in layers]
+    _check_prunes_something(config, sizes)  # the certain cases, before the scoring passes
     method, scores = _scores(model, "ffn", config, calibration_data)
     if config.intermediate_sizes is not None:
         for layer, size in config.intermediate_sizes.items():
@@ -178,6 +184,7 @@ def apply_ffn_pruning(model: nn.Module, config: FFNPruningConfig, calibration_da
                 )
         targets = {layer: sizes[layer] for layer in range(len(sizes))} | config.intermediate_sizes
     else:
+        _check_prunes_something(config, sizes, scores)
         targets = plan_ffn(scores, round(config.fraction * sum(sizes)), config)
     keep = {
         layer: score.argsort(descending=True)[: targets[layer]].sort().values
@@ -187,6 +194,35 @@ def apply_ffn_pruning(model: nn.Module, config: FFNPruningConfig, calibration_da
     prune_ffn(model, keep)
     resolved = {layer: len(index) for layer, index in keep.items()}
     return dataclasses.replace(config, fraction=None, intermediate_sizes=resolved, importance=method)
+
+
+def _check_prunes_something(config: FFNPruningConfig, sizes: list[int], scores: list | None = None) -> None:
+    """Refuse a fraction > 0 that prunes nothing (every kept size rounds back up to its layer's full size, or the
+    fraction rounds to no neuron), naming a `round_to` and a `fraction` that would prune.
+
+    Without `scores` only the case certain before scoring is checked: every layer no larger than `round_to`.
+    """
+    if not config.fraction:
+        return
+
+    def prunes(cfg: FFNPruningConfig) -> bool:
+        if scores is None:
+            return any(s > cfg.round_to for s in sizes) or cfg.min_neurons_per_layer == 0
+        plan = plan_ffn(scores, round(cfg.fraction * sum(sizes)), cfg)
+        return any(plan[layer] < size for layer, size in enumerate(sizes))
+
+    if prunes(config):
+        return
+    smaller = next((r for r in (256, 128, 64, 32, 16, 8, 4, 2, 1) if r < config.round_to
+                    and prunes(dataclasses.replace(config, round_to=r))), None)  # fmt: skip
+    larger = next((f / 100 for f in range(int(config.fraction * 100) + 1, 100)
+                   if prunes(dataclasses.replace(config, fraction=f / 100))), None)  # fmt: skip
+    fixes = [f"round_to={smaller} (or less)" if smaller else "", f"fraction={larger} (or more)" if larger else ""]
+    raise ValueError(
+        f"FFNPruningConfig(fraction={config.fraction}, round_to={config.round_to}) prunes nothing: every layer's kept "
+        f"FFN size rounds back up to its full size (FFN sizes {sizes}). Use "
+        f"{' or '.join(f for f in fixes if f) or 'a larger fraction'}."
+    )
 
 
 def restructure_ffn_pruning(model: nn.Module, config: FFNPruningConfig) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from ..config import TechniqueConfig, int_keys
+from ..validation import WrongTypeError, describe
 
 
 __all__ = ["HeadPruningConfig", "FFNPruningConfig", "IMPORTANCE_METHODS", "RANKINGS"]
@@ -20,13 +21,24 @@ RANKINGS = ("global", "per_layer")
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
 
 
 def _check_fraction(name: str, value: float | None) -> None:
-    if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
-        raise ValueError(f"{name} must be a number in [0, 1) (the share of units to remove), got {value!r}.")
+    allowed = f"{name} must be a number in [0, 1) (the share of units to remove)"
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise WrongTypeError(f"{allowed}, got {describe(value)}.")
+    if value is not None and not 0.0 <= value < 1.0:  # NaN fails too
+        raise ValueError(f"{allowed}, got {value!r}.")
+
+
+def _check_int(name: str, value: object, minimum: int, allowed: str) -> None:
+    """`value` must be an int (not a bool) >= `minimum`; `allowed` words the rule, e.g. 'a positive integer'."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise WrongTypeError(f"{name} must be {allowed}, got {describe(value)}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
 
 
 @dataclass
@@ -55,9 +67,8 @@ class _ScoringFields:
         _check_choice("importance", self.importance, IMPORTANCE_METHODS)
         _check_choice("ranking", self.ranking, RANKINGS)
         for name in ("max_samples", "batch_size", "max_length"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+            _check_int(name, getattr(self, name), 1, "a positive integer")
+        _check_int("seed", self.seed, 0, "an integer >= 0")
 
 
 @dataclass
@@ -123,10 +134,8 @@ class HeadPruningConfig(_ScoringFields, TechniqueConfig):
                 "Example: HeadPruningConfig(fraction=0.33) or HeadPruningConfig(heads_to_prune={0: [1, 2]})."
             )
         _check_fraction("fraction", self.fraction)
-        if self.num_heads_to_prune is not None and (
-            not isinstance(self.num_heads_to_prune, int) or self.num_heads_to_prune < 0
-        ):
-            raise ValueError(f"num_heads_to_prune must be a non-negative integer, got {self.num_heads_to_prune!r}.")
+        if self.num_heads_to_prune is not None:
+            _check_int("num_heads_to_prune", self.num_heads_to_prune, 0, "a non-negative integer")
         if self.heads_to_prune is not None:
             if not isinstance(self.heads_to_prune, dict):
                 raise TypeError(
@@ -137,15 +146,14 @@ class HeadPruningConfig(_ScoringFields, TechniqueConfig):
                 if (
                     layer < 0
                     or not isinstance(heads, (list, tuple))
-                    or not all(isinstance(h, int) and h >= 0 for h in heads)
+                    or not all(isinstance(h, int) and not isinstance(h, bool) and h >= 0 for h in heads)
                 ):
                     raise ValueError(
                         f"heads_to_prune[{layer}] must be a list of non-negative head indices for a layer index >= 0, "
                         f"got {heads!r}."
                     )
             self.heads_to_prune = {k: sorted(set(v)) for k, v in sorted(mapping.items())}
-        if not isinstance(self.min_heads_per_layer, int) or self.min_heads_per_layer < 0:
-            raise ValueError(f"min_heads_per_layer must be an integer >= 0, got {self.min_heads_per_layer!r}.")
+        _check_int("min_heads_per_layer", self.min_heads_per_layer, 0, "an integer >= 0")
         self._check_scoring()
 
 
@@ -192,14 +200,12 @@ class FFNPruningConfig(_ScoringFields, TechniqueConfig):
                     f"intermediate_sizes must be a dict {{layer: size}}, got {type(self.intermediate_sizes).__name__}."
                 )
             sizes = int_keys(self.intermediate_sizes)
-            bad = {k: v for k, v in sizes.items() if k < 0 or not isinstance(v, int) or v < 0}
+            bad = {k: v for k, v in sizes.items() if k < 0 or isinstance(v, bool) or not isinstance(v, int) or v < 0}
             if bad:
                 raise ValueError(f"intermediate_sizes needs layer indices >= 0 and sizes >= 0, got {bad}.")
             self.intermediate_sizes = dict(sorted(sizes.items()))
-        for name in ("round_to", "min_neurons_per_layer"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < (1 if name == "round_to" else 0):
-                raise ValueError(f"{name} must be an integer >= {1 if name == 'round_to' else 0}, got {value!r}.")
+        _check_int("round_to", self.round_to, 1, "an integer >= 1 (e.g. 8 or 64)")
+        _check_int("min_neurons_per_layer", self.min_neurons_per_layer, 0, "an integer >= 0")
         self._check_scoring()
 
     def kept_size(self, requested: int, full: int) -> int:

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..config import TechniqueConfig
+from ..validation import WrongTypeError, check_bool, check_number, check_patterns, describe
 
 
 __all__ = ["WeightQuantizationConfig", "ALGORITHMS", "ModuleSpec"]
@@ -52,7 +53,8 @@ class WeightQuantizationConfig(TechniqueConfig):
             4 or 8.
         group_size (`int`, *optional*):
             Input features sharing one scale. Must divide the input features of every quantized module (the
-            embedding dimension for embeddings). Defaults to 32 for 4 bits; for 8 bits to 128 where it divides the
+            embedding dimension for embeddings). Defaults to 32 for 4 bits (where 32 does not divide the features,
+            e.g. 312, the largest even divisor below it); for 8 bits to 128 where it divides the
             features (mean cosine 0.99985 vs 0.99968 per channel on MiniLM), else the whole row. Decoder models and
             ``activations="int8_dynamic"`` get the whole row (one scale per output channel) for 8 bits: that is what
             the packed decoding kernel and the int8 x int8 matmul take.
@@ -145,25 +147,33 @@ class WeightQuantizationConfig(TechniqueConfig):
             _check_group_size(self.group_size, "group_size")
         if self.symmetric is not None and not isinstance(self.symmetric, bool):
             raise TypeError(f"symmetric must be True, False or None, got {self.symmetric!r}.")
-        if self.algorithm not in ALGORITHMS:
+        if not isinstance(self.algorithm, str) or self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}.")
-        if self.activations not in _ACTIVATIONS:
+        if not isinstance(self.activations, (str, type(None))) or self.activations not in _ACTIVATIONS:
             raise ValueError(f"activations must be None or 'int8_dynamic', got {self.activations!r}.")
         if self.activations == "int8_dynamic" and (self.bits != 8 or self.symmetric is False):
             raise ValueError(
                 "activations='int8_dynamic' multiplies int8 by int8, so it needs bits=8 with symmetric scales; "
                 f"got bits={self.bits}, symmetric={self.symmetric}."
             )
-        if self.compute_dtype not in _DTYPES:
+        if not isinstance(self.compute_dtype, str) or self.compute_dtype not in _DTYPES:
             raise ValueError(f"compute_dtype must be one of {_DTYPES}, got {self.compute_dtype!r}.")
-        if not 0 < self.damp < 1:
-            raise ValueError(f"damp must be in (0, 1), got {self.damp}.")
-        if self.calibration_samples < 1:
-            raise ValueError(f"calibration_samples must be >= 1, got {self.calibration_samples}.")
+        damp_hint = " It is GPTQ's damping, a fraction of the mean Hessian diagonal (default 0.01)."
+        check_number("damp", self.damp, low=0, high=1, low_open=True, high_open=True, hint=damp_hint)
+        check_number("calibration_samples", self.calibration_samples, low=1, integer=True)
+        check_bool("quantize_embeddings", self.quantize_embeddings)
+        check_patterns("target_modules", self.target_modules)
+        check_patterns("exclude_modules", self.exclude_modules)
         if self.overrides is not None:
             if not isinstance(self.overrides, dict):
                 raise TypeError(f"overrides must be a dict of pattern -> dict, got {type(self.overrides).__name__}.")
             for pattern, override in self.overrides.items():
+                if not isinstance(pattern, str) or not isinstance(override, dict):
+                    raise WrongTypeError(
+                        f"overrides maps module patterns (str) to settings (dict), e.g. {{'value': {{'bits': 8}}}}; "
+                        f"got {describe(pattern)}: {describe(override)}."
+                    )
+                check_patterns(f"overrides pattern {pattern!r}", pattern)
                 unknown = set(override) - {"bits", "group_size", "symmetric"}
                 if unknown:
                     raise ValueError(
@@ -174,6 +184,8 @@ class WeightQuantizationConfig(TechniqueConfig):
                     _check_bits(override["bits"], f"overrides[{pattern!r}]['bits']")
                 if override.get("group_size") is not None:
                     _check_group_size(override["group_size"], f"overrides[{pattern!r}]['group_size']")
+                if override.get("symmetric") is not None:
+                    check_bool(f"overrides[{pattern!r}]['symmetric']", override["symmetric"], optional=True)
         if self.modules is not None:
             self.modules = {name: ModuleSpec.from_value(v).to_list() for name, v in self.modules.items()}
 
@@ -210,6 +222,14 @@ class WeightQuantizationConfig(TechniqueConfig):
                 break
         if group_size is None and bits == 4:
             group_size = min(32, in_features)
+            if in_features % group_size:  # e.g. TinyBERT's 312: the largest even divisor below 32 (26), not an error
+                group_size = next((g for g in range(32, 1, -1) if in_features % g == 0 and g % 2 == 0), None)
+            if group_size is None:
+                raise ValueError(
+                    f"4-bit packing needs an even group size that divides the {in_features} input features of "
+                    f"{name!r}, and {in_features} is odd. Keep it in 8 bits (overrides={{{name!r}: {{'bits': 8}}}}) "
+                    f"or exclude it (exclude_modules=[{name!r}])."
+                )
         elif group_size is None:
             per_channel = decoder or self.activations is not None or in_features <= 128 or in_features % 128
             group_size = in_features if per_channel else 128
@@ -229,11 +249,13 @@ class WeightQuantizationConfig(TechniqueConfig):
 
 
 def _check_bits(bits: Any, what: str) -> int:
-    if isinstance(bits, bool) or bits not in (4, 8):
-        raise ValueError(f"{what} must be 4 or 8, got {bits!r}. Use bits=8 (near lossless) or bits=4 (smallest).")
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or bits not in (4, 8):
+        error = ValueError if isinstance(bits, (int, float)) and not isinstance(bits, bool) else WrongTypeError
+        raise error(f"{what} must be 4 or 8, got {describe(bits)}. Use bits=8 (near lossless) or bits=4 (smallest).")
     return int(bits)
 
 
 def _check_group_size(group_size: Any, what: str) -> None:
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
-        raise ValueError(f"{what} must be an integer >= 2 (e.g. 32, 64, 128), got {group_size!r}.")
+        error = ValueError if isinstance(group_size, int) and not isinstance(group_size, bool) else WrongTypeError
+        raise error(f"{what} must be an integer >= 2 (e.g. 32, 64, 128), got {describe(group_size)}.")

@@ -109,7 +109,8 @@ def plan(model: nn.Module, config: WeightQuantizationConfig) -> dict[str, Module
     try:
         selected = list(select_modules(model, types, config.target_modules, config.exclude_modules))
     except ValueError:
-        if quantized and config.target_modules is not None and any(matches(n, config.target_modules) for n in quantized):
+        targets = config.target_modules
+        if quantized and targets is not None and any(matches(n, targets) for n in quantized):
             raise _already_quantized(model, quantized) from None
         raise
     eligible = [n for n, m in model.named_modules() if isinstance(m, types)]
