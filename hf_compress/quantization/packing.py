@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 
-__all__ = ["qrange", "pack_int4", "unpack_int4", "pack", "unpack", "dequantize_groups"]
+__all__ = ["qrange", "pack_int4", "unpack_int4", "unpack_int4_into", "pack", "unpack", "dequantize_groups"]
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -44,6 +44,28 @@ def unpack_int4_unsigned(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
 
 
+# Byte -> its two centred nibbles (low, high) as floats, one table per float dtype: unpacking is then one gather of
+# pairs (viewed as a single wider integer) instead of mask, shift, interleave, cast and offset passes (measured 2x
+# faster for a 1536 x 384 weight on CPU).
+_PAIR_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_PAIR_INT = {2: torch.int32, 4: torch.int64}
+
+
+def unpack_int4_into(packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Centred int4 values of ``uint8 [..., k]`` written into the float tensor `out` (``[..., 2k]``); returns `out`."""
+    pair = _PAIR_INT.get(out.dtype.itemsize)
+    if pair is None or not out.is_contiguous():  # float64, or a view: the plain way
+        return out.copy_(unpack_int4(packed))
+    key = (out.dtype, out.device)
+    table = _PAIR_TABLES.get(key)
+    if table is None:
+        byte = torch.arange(256, device=out.device)
+        pairs = torch.stack(((byte & 15) - 8, (byte >> 4) - 8), -1).to(out.dtype).contiguous()
+        table = _PAIR_TABLES[key] = pairs.view(pair).view(256)
+    torch.index_select(table, 0, packed.reshape(-1).to(torch.int32), out=out.view(pair).view(-1))
+    return out
+
+
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Centred integers -> the stored ``weight_packed`` tensor."""
     return q.to(torch.int8).contiguous() if bits == 8 else pack_int4(q)
@@ -63,13 +85,18 @@ def dequantize_groups(
 ) -> torch.Tensor:
     """``q * scale + zero`` per group, for integers ``[..., in]`` and scales ``[..., in / group_size]``.
 
-    `out` (same shape as `q`, in `dtype`) receives the result instead of a new tensor. The multiply and the add run
+    `out` (same shape as `q`, in `dtype`) receives the result instead of a new tensor; `q` may be `out` itself. The multiply and the add run
     in place, one pass each: a broadcast ``addcmul`` in bf16 measured 2.5x slower than both together on CPU.
     """
     dtype = dtype or scale.dtype
     groups = scale.shape[-1]
     grouped = (*q.shape[:-1], groups, q.shape[-1] // groups)
-    w = q.to(dtype, copy=True).view(grouped) if out is None else out.view(grouped).copy_(q.view(grouped))
+    if out is None:
+        w = q.to(dtype, copy=True).view(grouped)
+    elif out is q:  # the caller already wrote the integers into `out` (e.g. `unpack_int4_into`)
+        w = out.view(grouped)
+    else:
+        w = out.view(grouped).copy_(q.view(grouped))
     w.mul_(scale.to(dtype).unsqueeze(-1))
     if zero is not None:
         w.add_(zero.to(dtype).unsqueeze(-1))
