@@ -1,0 +1,194 @@
+"""ONNX export with hf_compress's own int8 / int4 weights, scales and zero points, kept exactly.
+
+1. The float view of the compressed model (see `_common.float_view`) is traced by ``torch.onnx.export`` (the
+   TorchScript exporter: fast and reliable on transformers 5 models of every supported family, pruned, factorized or
+   distilled: their structure is already the compressed one).
+2. Each initializer holding the dequantized weight of a quantized module (found by content, so whatever name and
+   layout, ``[out, in]`` or transposed, the exporter chose) is replaced by a standard opset-21 subgraph:
+   ``DequantizeLinear(q, scale, axis, block_size=group)`` on our integers (``INT8``, or ``INT4`` packed two per
+   byte), plus, for asymmetric layers, our float zero offsets broadcast per group and added (``w = q * s + z``
+   exactly: ONNX zero points live in the integer domain, which cannot hold a float offset without rounding).
+   Scales and offsets are stored in float32, an exact widening of the bf16 ones.
+
+The result runs in ONNX Runtime and converts to OpenVINO, which both recognise DequantizeLinear on constant
+integer weights as compressed weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._common import OutputOf, example_inputs, float_view, input_names, output_name, quantized_modules
+
+
+__all__ = ["export_onnx", "MODEL_FILE", "OPSET"]
+
+MODEL_FILE = "model.onnx"
+OPSET = 21  # block-wise DequantizeLinear and INT4 tensors
+_EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GB limit, with a margin
+
+
+def _integers(module: nn.Module) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Centred integers ``[rows, cols]`` (int8), scales and zero offsets ``[rows, groups]`` (float32).
+
+    Read from the state dict, which always holds the portable layout (a layer may hold the CPU int4 kernel's
+    order in memory).
+    """
+    state = module.state_dict()
+    packed = state["weight_packed"]
+    if module.bits == 8:
+        q = packed.to(torch.int8)
+    else:
+        q = torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2).to(torch.int8) - 8
+    zero = state.get("weight_zero")
+    return (q.numpy(), state["weight_scale"].float().numpy(),
+            None if zero is None else zero.float().numpy())  # fmt: skip
+
+
+def _int_tensor(name: str, q: np.ndarray, bits: int):
+    import onnx
+
+    if bits == 8:
+        return onnx.numpy_helper.from_array(np.ascontiguousarray(q, dtype=np.int8), name)
+    nibbles = (np.ascontiguousarray(q).reshape(-1).astype(np.int16) & 15).astype(np.uint8)
+    raw = (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()  # ONNX INT4: first element in the low nibble
+    return onnx.helper.make_tensor(name, onnx.TensorProto.INT4, list(q.shape), raw, raw=True)
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
+
+
+def _weight_subgraph(name: str, module: nn.Module, transposed: bool) -> tuple[list, list]:
+    """Nodes and initializers computing the initializer `name` (``[out, in]``, or ``[in, out]`` if `transposed`)."""
+    from onnx import helper, numpy_helper
+
+    q, scale, zero = _integers(module)
+    rows, cols = q.shape
+    groups = scale.shape[1]
+    group = cols // groups
+    axis = 1
+    if transposed:  # groups then run along axis 0
+        q, scale, zero = q.T, scale.T, None if zero is None else zero.T
+        axis = 0
+    inits = [_int_tensor(f"{name}.q", q, module.bits)]
+    attrs: dict[str, Any] = {}
+    if groups == 1:  # per output channel: the per-axis form, whose scale is 1-D along the output axis
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(scale.reshape(-1)), f"{name}.scale"))
+        attrs["axis"] = 1 - axis
+    else:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(scale), f"{name}.scale"))
+        attrs.update(axis=axis, block_size=group)
+    dq_out = name if zero is None else f"{name}.dq"
+    nodes = [
+        helper.make_node("DequantizeLinear", [f"{name}.q", f"{name}.scale"], [dq_out], name=f"{name}.DQ", **attrs)
+    ]
+    if zero is not None:
+        # [.., groups, ..] -> one copy per group member -> the weight's shape, then w = q * s + z
+        full = list(q.shape)
+        expanded = [groups, group, rows] if transposed else [rows, groups, group]
+        inits += [
+            numpy_helper.from_array(np.ascontiguousarray(zero), f"{name}.zero"),
+            numpy_helper.from_array(np.array([1 if transposed else 2], np.int64), f"{name}.zero_axes"),
+            numpy_helper.from_array(np.array(expanded, np.int64), f"{name}.zero_expand"),
+            numpy_helper.from_array(np.array(full, np.int64), f"{name}.zero_shape"),
+        ]
+        nodes += [
+            helper.make_node("Unsqueeze", [f"{name}.zero", f"{name}.zero_axes"], [f"{name}.z1"]),
+            helper.make_node("Expand", [f"{name}.z1", f"{name}.zero_expand"], [f"{name}.z2"]),
+            helper.make_node("Reshape", [f"{name}.z2", f"{name}.zero_shape"], [f"{name}.z3"]),
+            helper.make_node("Add", [dq_out, f"{name}.z3"], [name], name=f"{name}.AddZero"),
+        ]
+    return nodes, inits
+
+
+def compress_weights(graph, modules: dict[str, nn.Module]) -> dict[str, str]:
+    """Replace the float initializers of quantized `modules` in `graph`; returns ``{initializer: module name}``.
+
+    Raises a `RuntimeError` naming the modules whose weight the exporter did not keep as one initializer (the
+    export would otherwise silently hold float weights).
+    """
+    from onnx import numpy_helper
+
+    wanted: dict[tuple[tuple[int, ...], str], tuple[str, bool]] = {}
+    for name, module in modules.items():
+        weight = module.dequantize(torch.float32).numpy()
+        wanted[(weight.shape, _digest(weight))] = (name, False)
+        wanted.setdefault((weight.T.shape, _digest(weight.T)), (name, True))
+    shapes = {shape for shape, _ in wanted}
+    replaced: dict[str, str] = {}
+    new_nodes, keep = [], []
+    for init in graph.initializer:
+        key = None
+        if init.data_type == 1 and tuple(init.dims) in shapes:  # FLOAT
+            key = (tuple(init.dims), _digest(numpy_helper.to_array(init)))
+        if key in wanted:
+            module_name, transposed = wanted[key]
+            nodes, inits = _weight_subgraph(init.name, modules[module_name], transposed)
+            new_nodes += nodes
+            keep += inits
+            replaced[init.name] = module_name
+        else:
+            keep.append(init)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(new_nodes + nodes)  # the weight subgraphs have constant inputs only: they go first
+    return replaced
+
+
+def export_onnx(model: nn.Module, out: Path) -> dict[str, Any]:
+    """Write ``out/model.onnx`` for `model` (compressed or not); returns the manifest fields (inputs, output)."""
+    import onnx
+
+    names = input_names(model)
+    example = example_inputs(model, names)
+    view = float_view(model)
+    output, ndim = output_name(view, example)
+    axes = {name: {0: "batch"} if name == "pixel_values" else {0: "batch", 1: "sequence"} for name in names}
+    axes[output] = {0: "batch"} if ndim == 2 else {0: "batch", 1: "sequence"}  # classifier heads: no sequence
+    path = out / MODEL_FILE
+    with torch.no_grad():
+        torch.onnx.export(
+            OutputOf(view, names), tuple(example[n] for n in names), str(path), dynamo=False,
+            opset_version=OPSET, input_names=names, output_names=[output], dynamic_axes=axes,
+        )  # fmt: skip
+    del view
+    proto = onnx.load(str(path))
+    modules = quantized_modules(model)
+    replaced = compress_weights(proto.graph, modules) if modules else {}
+    _check_no_float_copies(proto.graph, model, replaced)
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, OPSET)
+    proto.producer_name = "hf_compress"
+    large = proto.ByteSize() > _EXTERNAL_DATA_BYTES
+    files = [MODEL_FILE]
+    if large:
+        onnx.save(proto, str(path), save_as_external_data=True, location=MODEL_FILE + ".data")
+        files.append(MODEL_FILE + ".data")
+    else:
+        onnx.save(proto, str(path))
+    return {"model_files": files, "inputs": names, "output": output, "quantized_initializers": len(replaced)}
+
+
+def _check_no_float_copies(graph, model: nn.Module, replaced: dict[str, str]) -> None:
+    """Refuse a graph holding more float weights than the model's float parameters: a quantized weight the tracer
+    folded into another constant would otherwise ship as float32 silently. (Layers outside the exported output,
+    such as BERT's pooler under ``last_hidden_state``, are simply absent from the graph.)"""
+    ours = {f"{name}.{part}" for name in replaced for part in ("scale", "zero")}
+    float_bytes = sum(init.ByteSize() for init in graph.initializer if init.data_type == 1 and init.name not in ours)
+    allowed = sum(4 * p.numel() for p in model.parameters() if p.is_floating_point()) * 1.02 + 1_000_000
+    if float_bytes > allowed:
+        raise RuntimeError(
+            f"The ONNX graph holds {float_bytes / 1e6:.1f} MB of float constants, more than the model's float "
+            f"parameters ({allowed / 1e6:.1f} MB): the exporter folded some quantized weights into other constants. "
+            "Refusing to write float copies of quantized layers; please report the model family."
+        )
