@@ -38,9 +38,9 @@ from bench.harness import BenchConfig, format_table, time_alternately
 from bench.quantization import _replace_linears
 from hf_compress import apply_compression
 from hf_compress.data import load_debian, minilm_path
+from hf_compress.evaluation.measure import sentence_embeddings
 from hf_compress.quantization import WeightQuantizationConfig
 from hf_compress.quantization.kernels import preferred_compute_dtype
-from hf_compress.report import sentence_embeddings
 from hf_compress.utils import count_parameters, model_bytes
 
 

@@ -7,7 +7,7 @@
 Table 1 (embedding factorization, no latency: the table lookup is not where time goes): for r in {64, 128, 192, 256},
 parameters, bytes, mean / 5th-percentile cosine of mean-pooled sentence embeddings to fp32 and Debian probe accuracy,
 for plain truncated SVD (no data), the data-aware initialisation (token-frequency-weighted, output-sensitivity SVD
-from unlabeled Debian train texts) and data-aware + recovery distillation (`hf_compress.recovery.recover`, what
+from unlabeled Debian train texts) and data-aware + recovery distillation (`hf_compress.pipeline.recovery.recover`, what
 ``compress(..., distill=...)`` runs: teacher = the original MiniLM, hidden-state cosine + pooled-embedding cosine on
 the same unlabeled Debian *train* texts, max_length 128; only the two factors train, no dropout, warm-up then cosine
 decay over a wall-clock budget: 10 minutes at r = 128, shorter at the other ranks). Cosines are measured on the
@@ -33,11 +33,11 @@ from bench.harness import BenchConfig, bench_lock, format_table, load_minilm, ru
 from hf_compress import apply_compression
 from hf_compress.data import load_debian
 from hf_compress.factorization import EmbeddingFactorizationConfig, FactorizedEmbedding, LowRankLinearConfig
-from hf_compress.recovery import recover
+from hf_compress.pipeline.recovery import recover
 
 
 def recover_timed(student, teacher, tokenizer, texts, seconds: float, lock: bool):
-    """`hf_compress.recovery.recover` (only the factors train) under the bench lock; returns (student, s, steps)."""
+    """`hf_compress.pipeline.recovery.recover` (only the factors train) under the bench lock; returns (student, s, steps)."""
     counter = _StepCounter()
     with bench_lock(lock):
         start = time.perf_counter()  # after the lock: the wait for other benchmarks is not recovery time

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from hf_compress import compress
-from hf_compress.commands import load_texts
+from hf_compress.cli.commands import load_texts
 from hf_compress.data import minilm_path
 
 
@@ -90,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     calibration = load_texts("debian", "train", 256)
     eval_texts = load_texts("debian", "test", 64)
-    from hf_compress.commands import load_rows
+    from hf_compress.cli.commands import load_rows
 
     task_rows = load_rows("debian")
     for name in args.only or EXAMPLES:

@@ -36,7 +36,7 @@ from hf_compress.pruning import (
     compute_importance,
     kept_heads,
 )
-from hf_compress.pruning.apply import plan_heads
+from hf_compress.pruning.hooks import plan_heads
 
 
 def calibration_texts(count: int) -> list[str]:

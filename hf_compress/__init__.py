@@ -10,12 +10,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-
-__version__ = "0.1.0"
-
-from .adapters import ADAPTERS, ArchitectureAdapter, UnsupportedArchitectureError, get_adapter  # noqa: E402
-from .config import CompressionConfig, TechniqueConfig  # noqa: E402
-from .quantizer import HfCompressQuantizer, get_recipe  # noqa: E402
+from .architectures import ADAPTERS, ArchitectureAdapter, UnsupportedArchitectureError, get_adapter  # noqa: E402
+from .config import (  # noqa: E402
+    CompressionConfig,
+    TechniqueConfig,
+    __version__,  # noqa: E402
+)
+from .plugin import HfCompressQuantizer, get_recipe  # noqa: E402
 from .registry import register_technique, registered_techniques  # noqa: E402
 
 
@@ -25,17 +26,17 @@ for _name in _TECHNIQUE_PACKAGES:
     importlib.import_module(f"{__name__}.{_name}")
 
 # LoRA on our quantized layers through plain `get_peft_model`: registered when PEFT is (or gets) imported, which
-# this line never does itself (see hf_compress/peft_integration.py).
-from .peft_integration import install as _install_peft  # noqa: E402
+# this line never does itself (see hf_compress/integrations/peft.py).
+from .integrations.peft import install as _install_peft  # noqa: E402
 
 
 _install_peft()
 
 # Public names that live in submodules with heavier imports, loaded on first access (PEP 562).
 _LAZY = {
-    "compress": ".compressor",
-    "CompressionResult": ".compressor",
-    "CompressionReport": ".report",
+    "compress": ".pipeline",
+    "CompressionResult": ".pipeline",
+    "CompressionReport": ".evaluation",
     "push_to_hub": ".hub",
     "save_compressed": ".hub",
     "HeadPruningConfig": ".pruning",
@@ -48,10 +49,11 @@ _LAZY = {
     "LowRankLinearConfig": ".factorization",
     "FactorizedEmbedding": ".factorization",
     "LowRankLinear": ".factorization",
-    "apply_compression": ".api",
+    "apply_compression": ".pipeline",
     "DistillationArguments": ".distillation",
     "DistillationTrainer": ".distillation",
     "make_student": ".distillation",
+    "recover": ".pipeline",
 }
 
 __all__ = [

@@ -32,6 +32,14 @@ TEXT_FORMS = (
 DEFAULT_MAX_LENGTH = 128
 
 
+def remember_tokenizer(model, tokenizer) -> None:
+    """Let the techniques' calibration find the tokenizer (`hf_compress.calibration.resolve_tokenizer` reads
+    ``model.hf_compress_tokenizer`` as a path or Hub id) when the model was passed as an object."""
+    source = getattr(tokenizer, "name_or_path", None)
+    if source and getattr(model, "hf_compress_tokenizer", None) is None:
+        model.hf_compress_tokenizer = source
+
+
 def resolve_tokenizer(model: Any, tokenizer: Any = None) -> Any:
     """`tokenizer`, or the one saved next to the model's checkpoint (``config._name_or_path``)."""
     if tokenizer is not None:

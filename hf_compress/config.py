@@ -3,7 +3,7 @@
 A recipe is an ordered list of technique configs (head pruning, embedding factorization, weight quantization, ...).
 It is registered with transformers' quantizer plugin API under ``quant_method: "hf_compress"``, so
 `save_pretrained` writes it into ``config.json`` and `from_pretrained` hands it back to our quantizer, which rebuilds
-the compressed structure on the empty skeleton before the weights are loaded (see `hf_compress.quantizer`).
+the compressed structure on the empty skeleton before the weights are loaded (see `hf_compress.plugin`).
 
 Every technique config stored in a recipe is *resolved*: it names exactly what was changed (which heads, which
 rank, which modules), so rebuilding the structure needs no data and no weights.
@@ -19,8 +19,10 @@ from typing import Any, ClassVar
 from transformers.quantizers import register_quantization_config
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from . import __version__
 from .registry import get_technique, registered_techniques
+
+
+__version__ = "0.1.0"
 
 
 __all__ = ["CompressionConfig", "TechniqueConfig", "QUANT_METHOD", "FORMAT_VERSION"]

@@ -6,7 +6,7 @@
 #
 # The GPU machine may have no network, so nothing is downloaded there. It runs, each step under `timeout`:
 #   1. the environment: GPU name, driver, torch / CUDA / transformers / peft versions        -> env.txt
-#   2. pytest tests/test_cuda.py -v on the GPU (each CUDA branch against the CPU result)    -> pytest_cuda.log, .xml
+#   2. pytest tests/quantization/test_cuda.py -v on the GPU (each CUDA branch against the CPU result)    -> pytest_cuda.log, .xml
 #   3. the same module with the CPU standing in for the GPU (HF_COMPRESS_TEST_DEVICE=cpu): the CPU-vs-CUDA quick
 #      subset; a test failing in 2 but passing here points at a CUDA branch, one failing in both at the test or at
 #      this machine's library versions                                                      -> pytest_cpu_dryrun.log
@@ -205,16 +205,16 @@ PYTEST_ARGS=(-p no:cacheprovider)
 
 # -- 2. the CUDA tests --------------------------------------------------------------------------------------------------
 t=$(slot 240 150)
-log "pytest tests/test_cuda.py on $UNDER_TEST (at most ${t}s)"
-HF_COMPRESS_TEST_DEVICE=$UNDER_TEST timeout -k 10 "$t" "$PY" -m pytest tests/test_cuda.py -v -rfEsxX "${PYTEST_ARGS[@]}" \
+log "pytest tests/quantization/test_cuda.py on $UNDER_TEST (at most ${t}s)"
+HF_COMPRESS_TEST_DEVICE=$UNDER_TEST timeout -k 10 "$t" "$PY" -m pytest tests/quantization/test_cuda.py -v -rfEsxX "${PYTEST_ARGS[@]}" \
     --junitxml="$OUT_DIR/pytest_cuda.xml" 2>&1 | tee "$OUT_DIR/pytest_cuda.log"
 rc_cuda=${PIPESTATUS[0]}
 log "$UNDER_TEST tests: exit $rc_cuda ($(tail -1 "$OUT_DIR/pytest_cuda.log"))"
 
 # -- 3. the same tests with the CPU standing in ---------------------------------------------------------------------
 t=$(slot 90 100)
-log "pytest tests/test_cuda.py with HF_COMPRESS_TEST_DEVICE=cpu (at most ${t}s)"
-HF_COMPRESS_TEST_DEVICE=cpu timeout -k 10 "$t" "$PY" -m pytest tests/test_cuda.py -q -rfEX "${PYTEST_ARGS[@]}" 2>&1 |
+log "pytest tests/quantization/test_cuda.py with HF_COMPRESS_TEST_DEVICE=cpu (at most ${t}s)"
+HF_COMPRESS_TEST_DEVICE=cpu timeout -k 10 "$t" "$PY" -m pytest tests/quantization/test_cuda.py -q -rfEX "${PYTEST_ARGS[@]}" 2>&1 |
     tee "$OUT_DIR/pytest_cpu_dryrun.log"
 rc_dry=${PIPESTATUS[0]}
 log "cpu dry run: exit $rc_dry ($(tail -1 "$OUT_DIR/pytest_cpu_dryrun.log"))"

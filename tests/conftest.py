@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).parent))  # tests/_toy_technique.py
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))  # tests/helpers: _toy_technique.py, hub_server.py, ...
 
 import hf_compress  # noqa: E402,F401  (registers the plugin)
 from hf_compress.data import load_debian, minilm_path  # noqa: E402

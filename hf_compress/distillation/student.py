@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from ..adapters import get_adapter
-from ..quantizer import get_recipe
+from ..architectures import get_adapter
+from ..plugin import get_recipe
 
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ def make_student(
 
     Args:
         teacher (`PreTrainedModel`):
-            An uncompressed model of a family in `hf_compress.adapters.ADAPTERS` (any head class). It is not changed.
+            An uncompressed model of a family in `hf_compress.architectures.ADAPTERS` (any head class). It is not changed.
         num_layers (`int`, *optional*):
             How many layers the student keeps; defaults to half of the teacher's (rounded down, at least 1). The
             layers are spread evenly and include the first and the last (see `default_student_layers`).

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from ..adapters import UnsupportedArchitectureError, get_adapter
+from ..architectures import UnsupportedArchitectureError, get_adapter
 from .config import DistillationArguments, resolve_layer_map
 from .losses import (
     HiddenProjections,

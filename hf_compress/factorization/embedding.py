@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..adapters import get_adapter
+from ..architectures import get_adapter
 from ..calibration import calibration_batches
 from ..utils import replace_module
 from .config import EmbeddingFactorizationConfig

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from ..adapters import get_adapter
+from ..architectures import get_adapter
 from ..calibration import calibration_batches
 from ..config import TechniqueConfig
 from ..utils import check_pattern_matches, matches, replace_module

@@ -12,10 +12,10 @@ import importlib
 from typing import Any
 
 from ..registry import Technique, register_technique
-from .apply import apply_ffn_pruning, apply_head_pruning, restructure_ffn_pruning, restructure_head_pruning
 from .config import FFNPruningConfig, HeadPruningConfig
+from .hooks import apply_ffn_pruning, apply_head_pruning, restructure_ffn_pruning, restructure_head_pruning
 from .scoring import UnitGates, compute_importance
-from .transform import EmptyAttention, kept_heads, prune_ffn, prune_heads
+from .surgery import EmptyAttention, kept_heads, prune_ffn, prune_heads
 
 
 # Heavier imports (transformers' Trainer, matplotlib) load on first use.

@@ -20,13 +20,13 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ..adapters import get_adapter
+from ..architectures import get_adapter
 from ..config import CompressionConfig
-from ..quantizer import attach_recipe, get_recipe
-from .apply import _importance_matrix, plan_ffn, plan_heads
+from ..plugin import attach_recipe, get_recipe
 from .config import FFNPruningConfig, HeadPruningConfig
+from .hooks import _importance_matrix, plan_ffn, plan_heads
 from .scoring import UnitGates, normalize_per_layer
-from .transform import ffn_size, kept_heads, prune_ffn, prune_heads
+from .surgery import ffn_size, kept_heads, prune_ffn, prune_heads
 
 
 __all__ = ["GradualPruningCallback"]

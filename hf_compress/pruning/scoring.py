@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters import get_adapter, head_dim
+from ..architectures import get_adapter, head_dim
 from ..calibration import calibration_batches
-from .transform import ConstantProjection, EmptyAttention, gqa_layout, kept_heads
+from .surgery import ConstantProjection, EmptyAttention, gqa_layout, kept_heads
 
 
 __all__ = ["UnitGates", "compute_importance", "normalize_per_layer"]
@@ -155,7 +155,7 @@ def compute_importance(
 def _unit_counts(model: nn.Module, kind: str) -> list[int]:
     if kind == "heads":
         return [len(h) for h in kept_heads(model)]
-    from .transform import ffn_size
+    from .surgery import ffn_size
 
     return [ffn_size(model, layer) for layer in get_adapter(model).layer_modules(model)]
 

@@ -10,9 +10,9 @@
 from __future__ import annotations
 
 from ..registry import Technique, register_technique, registered_techniques
-from . import transform
+from . import hooks as transform
 from .config import WeightQuantizationConfig
-from .layer import QuantEmbedding, QuantLinear
+from .layers import QuantEmbedding, QuantLinear
 from .qat import convert_qat, prepare_qat
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..utils import replace_module
 from .algorithms import QuantizedWeight, _least_squares, _storable, check_weight
+from .convert import new_module, quantize_into
 from .packing import qrange
 
 
@@ -111,7 +112,6 @@ def gptq_quantize(
 ) -> None:
     """Quantize the linear modules of `specs` with GPTQ (embeddings use the least-squares method), in place."""
     from ..calibration import calibration_batches
-    from .transform import _new_module, _quantize_into
 
     if calibration_data is None:
         raise ValueError(
@@ -124,9 +124,9 @@ def gptq_quantize(
     mse_config = type(config)(**{**config.__dict__, "algorithm": "mse", "modules": None})
     for name, spec in specs.items():
         module = model.get_submodule(name)
-        new = _new_module(module, spec, config, module.weight.device, module.weight.dtype)
+        new = new_module(module, spec, config, module.weight.device, module.weight.dtype)
         if spec.kind == "embedding":
-            _quantize_into(new, module.weight, None, spec, mse_config, name)
+            quantize_into(new, module.weight, None, spec, mse_config, name)
         else:
             weight = module.weight.t() if spec.kind == "conv1d" else module.weight
             new.load_quantized(gptq_weight(weight, hessians.pop(name), spec, config.damp, config.scale_dtype, name))

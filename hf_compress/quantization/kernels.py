@@ -37,7 +37,7 @@ from .packing import dequantize_groups, unpack, unpack_int4_into, unpack_int4_un
 
 
 if TYPE_CHECKING:
-    from .layer import QuantLinear
+    from .layers import QuantLinear
 
 
 __all__ = ["quantized_matmul", "dequantized_weight", "preferred_compute_dtype", "SMALL_M"]

@@ -63,7 +63,7 @@ class FakeQuantEmbedding(nn.Embedding):
 
 def prepare_qat(model: nn.Module, config: WeightQuantizationConfig) -> nn.Module:
     """Swap the modules `config` selects for fake-quantized ones, in place (GPT-2 ``Conv1D`` layers are skipped)."""
-    from .transform import plan
+    from .hooks import plan
 
     if config.activations is not None or config.algorithm == "gptq":
         raise ValueError("QAT trains weight-only round-to-nearest grids; use activations=None and algorithm 'rtn'.")
@@ -80,7 +80,7 @@ def prepare_qat(model: nn.Module, config: WeightQuantizationConfig) -> nn.Module
 
 def convert_qat(model: nn.Module) -> nn.Module:
     """Pack the trained weights of a model prepared by `prepare_qat` (same grid as in training) and record it."""
-    from ..api import apply_compression
+    from ..pipeline.apply import apply_compression
 
     config = getattr(model, "hf_compress_qat_config", None)
     if config is None:

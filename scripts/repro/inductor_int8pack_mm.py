@@ -9,7 +9,7 @@ Two failures were seen with this kernel in compiled hf_compress graphs:
   20 times on a 4 x 16 batch aborted with glibc heap errors ("malloc(): unaligned tcache chunk detected"); it did
   not reproduce outside the model, nor on the AMX machine.
 hf_compress therefore never emits this kernel inside a compiled graph (`hf_compress.quantization.kernels`), and
-tests/test_quantization_compile.py calls a compiled int8 encoder 50 times at 1-32 rows in a subprocess.
+tests/quantization/test_quantization_compile.py calls a compiled int8 encoder 50 times at 1-32 rows in a subprocess.
 Run: ``python scripts/repro/inductor_int8pack_mm.py``; it prints each case's outcome and exits 0 either way.
 """
 

@@ -1,0 +1,336 @@
+"""`compress`: from a model (object, local folder or Hub id) to a compressed, evaluated, documented model in one call."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..calibration import check_tokenizer_fits, remember_tokenizer, texts_of
+from ..config import CompressionConfig, TechniqueConfig
+from ..evaluation.measure import measure_report
+from ..evaluation.report import CompressionReport
+from ..hub.saving import check_output_dir, save_compressed, source_folders
+from ..registry import get_technique
+from ..validation import check_supported
+from .apply import apply_compression
+from .checks import check_compress_args, load_config, recipe_configs
+from .presets import DEFAULT_PRESET, preset_configs
+
+
+__all__ = ["compress", "CompressionResult", "load_model"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressionResult:
+    """What `compress` returns: the compressed model, its report, and where it was saved and pushed."""
+
+    model: Any
+    report: CompressionReport | None
+    tokenizer: Any = None
+    output_dir: Path | None = None
+    push: Any = None  # hf_compress.hub.PushResult
+    configs: list[TechniqueConfig] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        where = f", saved to {self.output_dir}" if self.output_dir else ""
+        table = f"\n{self.report.to_text()}" if self.report else ""
+        return f"CompressionResult({type(self.model).__name__}{where}){table}"
+
+
+def load_model(model_or_id: Any, auto_class: Any = None, tokenizer: Any = None,
+               supported_only: bool = False) -> tuple[Any, Any, str]:  # fmt: skip
+    """(model, tokenizer, name) for a model object, a local folder or a Hub id.
+
+    A folder or id is loaded with the class named in its ``config.json`` ``architectures`` (so a classifier keeps
+    its head), or `auto_class` when given; the tokenizer saved with it is loaded too when there is one.
+    `supported_only` (what `compress` asks for) refuses, before the weights are read, a family hf_compress has no
+    adapter for, and a tokenizer with more tokens than the embedding has rows.
+    """
+    import transformers
+
+    if not isinstance(model_or_id, (str, os.PathLike)):
+        if not isinstance(model_or_id, torch.nn.Module):
+            raise TypeError(
+                f"compress() takes a model, a local folder or a Hub id such as 'user/name'; got "
+                f"{type(model_or_id).__name__}."
+            )
+        if supported_only:
+            check_supported(model_or_id)
+            check_tokenizer_fits(model_or_id, tokenizer)
+        name = getattr(getattr(model_or_id, "config", None), "_name_or_path", "") or type(model_or_id).__name__
+        return model_or_id, tokenizer, str(name)
+    source = str(model_or_id)
+    config = load_config(source)
+    if supported_only:
+        check_supported(config, source)
+    cls = auto_class
+    if cls is None:
+        arch = (getattr(config, "architectures", None) or [None])[0]
+        cls = getattr(transformers, arch, None) if arch else None
+        cls = cls if cls is not None and hasattr(cls, "from_pretrained") else transformers.AutoModel
+    model = cls.from_pretrained(source).eval()
+    # transformers 5 builds an empty tokenizer for a folder saved without one; only load what was saved.
+    local_without_tokenizer = os.path.isdir(source) and not any(
+        os.path.isfile(os.path.join(source, name)) for name in ("tokenizer.json", "tokenizer_config.json")
+    )
+    if tokenizer is None and not local_without_tokenizer:
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, TypeError):
+            tokenizer = None  # vision models, or a checkpoint saved without its tokenizer
+    if supported_only:
+        check_tokenizer_fits(model, tokenizer)
+    return model, tokenizer, source
+
+
+def compress(
+    model_or_id: Any,
+    *configs: TechniqueConfig,
+    recipe: CompressionConfig | list | str | os.PathLike | None = None,
+    preset: str | None = None,
+    budget: float | str | None = None,
+    calibration_data: Any = None,
+    eval_data: Any = None,
+    task_data: Any = None,
+    metric: str = "accuracy",
+    distill: bool | dict | None = None,
+    output_dir: str | os.PathLike | None = None,
+    overwrite: bool | str = False,
+    push_to_hub: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    tokenizer: Any = None,
+    auto_class: Any = None,
+    measure: bool = True,
+    card: bool = True,
+    max_eval_texts: int = 64,
+    reproduce_command: str | None = None,
+    progress: bool = False,
+    latency_rounds: int = 3,
+) -> CompressionResult:
+    """Compress a model in one call: load, apply the techniques in canonical order, measure, save, push.
+
+    What to apply comes from exactly one of `configs`, `recipe`, `preset` or `budget`; with none of them the
+    ``"int8"`` preset is used. Structural techniques (pruning, factorization) run first, then recovery
+    distillation from the original when asked for, then quantization.
+
+    Args:
+        model_or_id (`PreTrainedModel`, `str` or `os.PathLike`):
+            A model object (compressed in place), a local checkpoint folder or a Hub id. Folders and ids are loaded
+            with the class in their ``config.json`` (`auto_class` overrides it).
+        *configs (`TechniqueConfig`): technique configs, e.g. ``HeadPruningConfig(fraction=1/3)``.
+        recipe (`CompressionConfig`, `list[dict]` or path, *optional*): a recipe object, its technique dicts, or a
+            JSON file holding that list (what ``hf_compress_recipe.json`` of a compressed folder contains).
+        preset (`str`, *optional*): one of `hf_compress.pipeline.presets.PRESETS` (``int8``, ``int4``, ``distil``, ``max``).
+        budget (`float` or `str`, *optional*): a target size: megabytes (``12`` or ``"12MB"``) or a reduction
+            factor (``"10x"``). Searches settings that fit with the best measured fidelity (needs calibration data;
+            see `hf_compress.pipeline.budget`).
+        calibration_data (`list[str]` or `datasets.Dataset`, *optional*): text for data-aware techniques; also the
+            fidelity texts when `eval_data` is not given.
+        eval_data (`list[str]` or `datasets.Dataset`, *optional*): texts for the fidelity measurement.
+        task_data (`list[dict]` or `datasets.Dataset`, *optional*): labeled rows (``text``, ``label``) scored with
+            `metric` before and after.
+        metric (`str`, *optional*, defaults to `"accuracy"`): an `evaluate` metric: one shipped with hf_compress
+            (``accuracy``, ``embedding_fidelity``), a path to a metric script, or a Hub metric name when online.
+        distill (`bool` or `dict`, *optional*): recovery distillation after the structural techniques; a dict is
+            passed to the distillation recipe as keyword arguments. Defaults to what the preset says.
+        output_dir (`str` or `os.PathLike`, *optional*): save the model, tokenizer, report, card and plots here
+            (atomically: a failure never leaves a half-written folder). It must be missing or empty unless
+            `overwrite` allows more (checked before compressing); a symlink is followed.
+        overwrite (`bool` or `"source"`, *optional*, defaults to `False`): `True` allows a non-empty `output_dir` (a
+            previous output, or other files): only files hf_compress writes or wrote there (its manifest) are
+            replaced, all others kept. ``"source"`` also allows the checkpoint the model was loaded from.
+        push_to_hub (`str`, *optional*): ``"user/name"``: push the saved folder in one commit (needs `output_dir`,
+            or a temporary folder is used).
+        private (`bool`, *optional*): create the Hub repo as private.
+        token (`str`, *optional*): Hub token; defaults to ``HF_TOKEN`` or the ``hf auth login`` one.
+        measure (`bool`, *optional*, defaults to `True`): build the report (keeps a copy of the original meanwhile).
+        card (`bool`, *optional*, defaults to `True`): write README.md (model card) and plots into `output_dir`.
+        reproduce_command (`str`, *optional*): the command shown in the card's "Reproduce" section.
+        progress (`bool`, *optional*, defaults to `False`): show a progress bar over the stages (the CLI sets it).
+        latency_rounds (`int`, *optional*, defaults to `3`): timed rounds (after one warm-up) of the latency
+            measurement, each one forward pass of both models on 32 x 128 tokens; 0 skips it.
+
+    Returns:
+        `CompressionResult` with ``.model``, ``.report`` (print ``.report.to_text()``), ``.output_dir``, ``.push``.
+
+    ```py
+    >>> import hf_compress
+    >>> result = hf_compress.compress("sentence-transformers/all-MiniLM-L6-v2", preset="int8",
+    ...                               calibration_data=texts, output_dir="minilm-int8")
+    >>> print(result.report.to_text())
+    ```
+    """
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    sources = [name for name, given in (("configs", configs), ("recipe", recipe is not None),
+                                        ("preset", preset is not None), ("budget", budget is not None)) if given]  # fmt: skip
+    if len(sources) > 1:
+        raise ValueError(f"Give only one of configs, recipe, preset or budget; got {' and '.join(sources)}.")
+    if not sources:
+        preset = DEFAULT_PRESET
+    if preset is not None:
+        configs, preset_distill = preset_configs(preset)
+        distill = preset_distill if distill is None else distill
+    elif recipe is not None:
+        configs = tuple(recipe_configs(recipe))
+    for config in configs:
+        if not isinstance(config, TechniqueConfig):
+            raise TypeError(f"Expected technique configs such as HeadPruningConfig(...), got {type(config).__name__}.")
+    structural = any(get_technique(c.method).stage != "quantize" for c in configs)
+    forms = check_compress_args(dict(preset=preset, budget=budget, calibration_data=calibration_data,
+                                     eval_data=eval_data, task_data=task_data, metric=metric, distill=distill,
+                                     output_dir=output_dir, push_to_hub=push_to_hub, token=token, measure=measure,
+                                     card=card, private=private, progress=progress, max_eval_texts=max_eval_texts,
+                                     latency_rounds=latency_rounds), structural)  # fmt: skip
+
+    if output_dir is not None:  # refuse a folder before the work, not after it
+        check_output_dir(output_dir, overwrite, source_folders(model_or_id, tokenizer))
+    stages = ["load", "compress", *(["measure"] if measure else []), *(["save"] if output_dir or push_to_hub else []),
+              *(["push"] if push_to_hub else [])]  # fmt: skip
+    bar = _StageBar(stages, enabled=progress)
+    try:
+        bar.next("load")
+        model, tokenizer, base_name = load_model(model_or_id, auto_class=auto_class, tokenizer=tokenizer,
+                                                 supported_only=True)  # fmt: skip
+        if distill and structural and budget is None and tokenizer is None:
+            raise ValueError("Recovery distillation needs the model's tokenizer: pass tokenizer=... to compress().")
+        seconds["load"] = time.perf_counter() - start
+        original = copy.deepcopy(model) if (measure or distill or budget is not None) else None
+        texts_from = "eval_data" if eval_data is not None else "calibration_data"
+        eval_texts = texts_of(eval_data if eval_data is not None else calibration_data, forms[texts_from])
+        eval_texts = eval_texts[:max_eval_texts] if eval_texts else None
+        choice = None
+
+        t = time.perf_counter()
+        bar.next("compress (budget search)" if budget is not None else "compress")
+        if budget is not None:
+            from .budget import search_budget
+
+            configs, choice = search_budget(model, budget, calibration_data=calibration_data, eval_texts=eval_texts,
+                                            tokenizer=tokenizer, original=original)  # fmt: skip
+            _apply(model, list(configs), calibration_data, original, False, tokenizer)
+        else:
+            _apply(model, list(configs), calibration_data, original, distill, tokenizer)
+        seconds["compress"] = time.perf_counter() - t
+
+        report = None
+        if measure:
+            t = time.perf_counter()
+            bar.next("measure")
+            report = measure_report(original, model, tokenizer, base_name, eval_texts, task_data, metric,
+                                    latency_rounds=latency_rounds)  # fmt: skip
+            report.choice = choice
+            seconds["measure"] = time.perf_counter() - t
+        del original
+
+        result = CompressionResult(model=model, report=report, tokenizer=tokenizer, configs=list(configs))
+        if output_dir is None and push_to_hub:
+            import tempfile
+
+            output_dir = Path(tempfile.mkdtemp(prefix="hf_compress-")) / push_to_hub.split("/")[-1]
+        if output_dir is not None:
+            t = time.perf_counter()
+            bar.next("save")
+            result.output_dir = save_result(result, output_dir, base_name, repo_id=push_to_hub, card=card,
+                                            reproduce_command=reproduce_command, overwrite=overwrite)  # fmt: skip
+            seconds["save"] = time.perf_counter() - t
+        if push_to_hub:
+            from ..hub import push_to_hub as push
+
+            t = time.perf_counter()
+            bar.next("push")
+            result.push = push(result.output_dir, push_to_hub, private=private, token=token)
+            seconds["push"] = time.perf_counter() - t
+    finally:
+        bar.close()
+    if report is not None:
+        report.seconds = {k: round(v, 2) for k, v in {**seconds, "total": time.perf_counter() - start}.items()}
+    return result
+
+
+class _StageBar:
+    """One progress bar over the stages of `compress` (techniques show their own bars for long inner loops)."""
+
+    def __init__(self, stages: list[str], enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=len(stages), desc="compress", unit="stage", leave=False)
+        self.started = False
+
+    def next(self, stage: str) -> None:
+        if self.bar is None:
+            return
+        if self.started:
+            self.bar.update(1)
+        self.started = True
+        self.bar.set_description(stage)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _apply(model, configs, calibration_data, original, distill, tokenizer) -> None:
+    """Structure first, then recovery distillation, then quantization (the canonical order)."""
+    remember_tokenizer(model, tokenizer)
+    structural = [c for c in configs if get_technique(c.method).stage != "quantize"]
+    quantize = [c for c in configs if get_technique(c.method).stage == "quantize"]
+    if structural:
+        apply_compression(model, *structural, calibration_data=calibration_data)
+    if distill:
+        if not structural:
+            logger.warning("Recovery distillation skipped: no pruning or factorization ran, nothing to recover.")
+        else:
+            from .recovery import recover  # heavy (Trainer): imported only when asked for
+
+            kwargs = distill if isinstance(distill, dict) else {}
+            recover(model, original, calibration_data, tokenizer=tokenizer, **kwargs)
+    if quantize:
+        apply_compression(model, *quantize, calibration_data=calibration_data)
+
+
+def save_result(result: CompressionResult, output_dir, base_name: str, repo_id: str | None = None, card: bool = True,
+                reproduce_command: str | None = None, overwrite: bool | str = False) -> Path:  # fmt: skip
+    """Save model, tokenizer, report JSON, input recipe, model card and plots atomically into `output_dir`."""
+
+    def extra_files(saved: Path) -> dict[str, bytes | str]:
+        extra: dict[str, bytes | str] = {
+            "hf_compress_recipe.json": json.dumps([c.to_dict() for c in result.configs], indent=2) + "\n",
+        }
+        report = result.report
+        if report is None:
+            return extra
+        report.checkpoint_bytes = sum(p.stat().st_size for p in saved.glob("*.safetensors"))
+        if card:
+            from ..hub.card import build_card_files
+
+            extra.update(build_card_files(report, repo_id=repo_id, reproduce_command=reproduce_command,
+                                          head_importance=_head_importance(result.model)))  # fmt: skip
+        extra["hf_compress_report.json"] = json.dumps(report.to_dict(), indent=2, default=str) + "\n"
+        return extra
+
+    return save_compressed(result.model, output_dir, tokenizer=result.tokenizer, extra_files=extra_files,
+                           overwrite=overwrite)  # fmt: skip
+
+
+def _head_importance(model) -> Any:
+    """The head-pruning config of the recipe (importance scores and pruned heads), if heads were pruned."""
+    from ..plugin import get_recipe
+
+    recipe = get_recipe(model)
+    found = recipe.find("head_pruning") if recipe is not None else []
+    return found[0] if found else None
