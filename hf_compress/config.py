@@ -44,6 +44,11 @@ class TechniqueConfig:
     method: ClassVar[str] = ""
     version: ClassVar[int] = 1
 
+    def model_dtype(self, device: Any = None) -> Any:
+        """The float dtype a checkpoint holding this technique reloads in on `device` (``"cpu"`` or ``"cuda"``), or
+        None when the technique has no say (the plugin then keeps the dtype ``from_pretrained`` was asked for)."""
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict, tagged with ``method`` and ``version``."""
         return {"method": self.method, "version": self.version, **_jsonable(asdict(self))}

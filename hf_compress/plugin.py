@@ -79,9 +79,9 @@ class HfCompressQuantizer(HfQuantizer):
         # weights follow it (scales keep the dtype they were saved in, see `QuantLinear`).
         if self.pre_quantized:
             for technique_config in self.quantization_config.techniques:
-                model_dtype = getattr(technique_config, "model_dtype", None)
+                model_dtype = technique_config.model_dtype(self._target_device)
                 if model_dtype is not None:
-                    return model_dtype(self._target_device)
+                    return model_dtype
         return dtype
 
     # -- on the empty skeleton ---------------------------------------------------------------------------------------

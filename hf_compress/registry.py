@@ -2,14 +2,14 @@
 
 Each technique subpackage (``hf_compress/pruning``, ``hf_compress/quantization``, ...) registers itself on import
 with `register_technique`. Everything else (the recipe, the quantizer plugin, `compress`, the CLI) looks techniques
-up here, so adding one is one folder and one `register_technique` call.
+up here, so adding one is one folder whose ``hooks.py`` makes one `register_technique` call (see CONTRIBUTING.md).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 
 if TYPE_CHECKING:
@@ -18,10 +18,44 @@ if TYPE_CHECKING:
     from .config import TechniqueConfig
 
 
-__all__ = ["Technique", "register_technique", "get_technique", "registered_techniques", "STAGES"]
+__all__ = ["Technique", "TechniqueHooks", "OnLoadHandler", "register_technique", "get_technique", "registered_techniques", "STAGES"]
 
 # Canonical order: structure first (pruning, then factorization), quantization last.
 STAGES = {"prune": 0, "factorize": 1, "quantize": 2}
+
+
+class OnLoadHandler(Protocol):
+    """What a technique's ``quantize_on_load(config)`` returns: the plugin drives it while
+    ``from_pretrained(float_checkpoint, quantization_config=...)`` loads the weights."""
+
+    def prepare(self, model: PreTrainedModel, device: Any = None) -> None:
+        """On the empty skeleton, before any weight: choose the modules and swap in their empty layers; `device` is
+        where the model will run (``"cpu"`` or ``"cuda"``)."""
+
+    def param_needs_quantization(self, model: PreTrainedModel, param_name: str) -> bool:
+        """Whether the checkpoint tensor `param_name` goes through `quantize_ops` instead of loading as is."""
+
+    def quantize_ops(self, quantizer: Any) -> Any:
+        """The transformers ``ConversionOps`` that quantize one such tensor as it is read."""
+
+    def resolved_config(self, model: PreTrainedModel) -> TechniqueConfig:
+        """After loading: the config with every choice explicit, stored in the recipe."""
+
+
+class TechniqueHooks(Protocol):
+    """The hooks one technique's ``hooks.py`` defines and registers (see `Technique` for when each runs)."""
+
+    def apply(self, model: PreTrainedModel, config: TechniqueConfig, calibration_data: Any = None) -> TechniqueConfig:
+        ...
+
+    def restructure(self, model: PreTrainedModel, config: TechniqueConfig) -> None:
+        ...
+
+    def after_load(self, model: PreTrainedModel, config: TechniqueConfig) -> None:  # optional
+        ...
+
+    def quantize_on_load(self, config: TechniqueConfig) -> OnLoadHandler:  # optional
+        ...
 
 
 @dataclass(frozen=True)
@@ -39,8 +73,13 @@ class Technique:
             an empty (meta) skeleton so that the saved weights fit; it must not compute anything from weights.
         after_load: optional ``after_load(model, resolved_config)``, run once the weights are in (e.g. re-align or
             repack quantized tensors for a kernel).
-        quantize_on_load: optional ``quantize_on_load(quantizer) -> list`` of ops for
-            ``from_pretrained(fp_checkpoint, quantization_config=...)``; techniques without it cannot run on load.
+        quantize_on_load: optional ``quantize_on_load(config) -> OnLoadHandler`` for
+            ``from_pretrained(fp_checkpoint, quantization_config=...)``: an object with ``prepare(model, device)``,
+            ``param_needs_quantization(model, name)``, ``quantize_ops(quantizer)`` and ``resolved_config(model)`` (see
+            `OnLoadHandler`); techniques without it cannot run on load.
+
+    The hooks of a technique live in its ``hooks.py``, which also makes the `register_technique` call (the
+    `TechniqueHooks` protocol writes their signatures once).
     """
 
     name: str

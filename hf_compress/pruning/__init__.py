@@ -11,11 +11,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ..registry import Technique, register_technique
 from .config import FFNPruningConfig, HeadPruningConfig
 from .hooks import apply_ffn_pruning, apply_head_pruning, restructure_ffn_pruning, restructure_head_pruning
+from .layers import EmptyAttention
 from .scoring import UnitGates, compute_importance
-from .surgery import EmptyAttention, kept_heads, prune_ffn, prune_heads
+from .surgery import kept_heads, prune_ffn, prune_heads
 
 
 # Heavier imports (transformers' Trainer, matplotlib) load on first use.
@@ -30,28 +30,8 @@ __all__ = [
     "prune_ffn",
     "kept_heads",
     "EmptyAttention",
-    *_LAZY,
+    *_LAZY, "apply_ffn_pruning", "apply_head_pruning", "restructure_ffn_pruning", "restructure_head_pruning",
 ]
-
-register_technique(
-    Technique(
-        name="head_pruning",
-        config_cls=HeadPruningConfig,
-        stage="prune",
-        apply=apply_head_pruning,
-        restructure=restructure_head_pruning,
-    )
-)
-register_technique(
-    Technique(
-        name="ffn_pruning",
-        config_cls=FFNPruningConfig,
-        stage="prune",
-        apply=apply_ffn_pruning,
-        restructure=restructure_ffn_pruning,
-    )
-)
-
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:

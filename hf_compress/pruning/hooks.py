@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..architectures import get_adapter, num_heads, num_kv_heads
+from ..registry import Technique, register_technique
 from .config import FFNPruningConfig, HeadPruningConfig
 from .scoring import compute_importance
 from .surgery import ffn_size, kept_heads, prune_ffn, prune_heads
@@ -228,3 +229,23 @@ def _check_prunes_something(config: FFNPruningConfig, sizes: list[int], scores: 
 def restructure_ffn_pruning(model: nn.Module, config: FFNPruningConfig) -> None:
     """Rebuild the pruned FFN shapes on an empty skeleton (inside `from_pretrained`)."""
     prune_ffn(model, dict(config.intermediate_sizes or {}))
+
+
+register_technique(
+    Technique(
+        name="head_pruning",
+        config_cls=HeadPruningConfig,
+        stage="prune",
+        apply=apply_head_pruning,
+        restructure=restructure_head_pruning,
+    )
+)
+register_technique(
+    Technique(
+        name="ffn_pruning",
+        config_cls=FFNPruningConfig,
+        stage="prune",
+        apply=apply_ffn_pruning,
+        restructure=restructure_ffn_pruning,
+    )
+)

@@ -27,7 +27,8 @@ from torch import nn
 
 from ..architectures import get_adapter, head_dim
 from ..calibration import calibration_batches
-from .surgery import ConstantProjection, EmptyAttention, gqa_layout, kept_heads
+from .layers import ConstantProjection, EmptyAttention
+from .surgery import gqa_layout, kept_heads
 
 
 __all__ = ["UnitGates", "compute_importance", "normalize_per_layer"]

@@ -9,24 +9,10 @@
 
 from __future__ import annotations
 
-from ..registry import Technique, register_technique, registered_techniques
-from . import hooks as transform
+from . import hooks  # noqa: F401  (registers the technique)
 from .config import WeightQuantizationConfig
 from .layers import QuantEmbedding, QuantLinear
 from .qat import convert_qat, prepare_qat
 
 
 __all__ = ["WeightQuantizationConfig", "QuantLinear", "QuantEmbedding", "prepare_qat", "convert_qat"]
-
-if WeightQuantizationConfig.method not in registered_techniques():
-    register_technique(
-        Technique(
-            name=WeightQuantizationConfig.method,
-            config_cls=WeightQuantizationConfig,
-            stage="quantize",
-            apply=transform.apply,
-            restructure=transform.restructure,
-            after_load=transform.after_load,
-            quantize_on_load=transform.quantize_on_load,
-        )
-    )

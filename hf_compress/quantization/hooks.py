@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..registry import Technique, register_technique, registered_techniques
 from ..utils import check_pattern_matches, matches, replace_module, select_modules
 from .config import ModuleSpec, WeightQuantizationConfig
 from .convert import new_module, quantize_into
@@ -285,3 +286,17 @@ class _QuantizeOnLoad(_conversion_ops_base()):
             for key in ("weight_packed", "weight_scale", "weight_zero"):
                 missing_keys.discard(f"{module_name}.{key}")
         return {}
+
+
+if WeightQuantizationConfig.method not in registered_techniques():
+    register_technique(
+        Technique(
+            name=WeightQuantizationConfig.method,
+            config_cls=WeightQuantizationConfig,
+            stage="quantize",
+            apply=apply,
+            restructure=restructure,
+            after_load=after_load,
+            quantize_on_load=quantize_on_load,
+        )
+    )
