@@ -77,6 +77,8 @@ def _weight_subgraph(name: str, module: nn.Module, transposed: bool) -> tuple[li
     if transposed:  # groups then run along axis 0
         q, scale, zero = q.T, scale.T, None if zero is None else zero.T
         axis = 0
+    if zero is not None:
+        return _asymmetric_subgraph(name, module.bits, q, scale, zero, group, transposed)
     inits = [_int_tensor(f"{name}.q", q, module.bits)]
     attrs: dict[str, Any] = {}
     if groups == 1:  # per output channel: the per-axis form, whose scale is 1-D along the output axis
@@ -85,26 +87,37 @@ def _weight_subgraph(name: str, module: nn.Module, transposed: bool) -> tuple[li
     else:
         inits.append(numpy_helper.from_array(np.ascontiguousarray(scale), f"{name}.scale"))
         attrs.update(axis=axis, block_size=group)
-    dq_out = name if zero is None else f"{name}.dq"
-    nodes = [
-        helper.make_node("DequantizeLinear", [f"{name}.q", f"{name}.scale"], [dq_out], name=f"{name}.DQ", **attrs)
+    nodes = [helper.make_node("DequantizeLinear", [f"{name}.q", f"{name}.scale"], [name], name=f"{name}.DQ", **attrs)]
+    return nodes, inits
+
+
+def _asymmetric_subgraph(name, bits, q, scale, zero, group, transposed) -> tuple[list, list]:
+    """``w = q * s + z`` with the groups as their own axis: ``[rows, groups, group]`` (``[groups, group, rows]``
+    transposed), so the zero offsets broadcast from ``[.., groups, 1, ..]`` and nothing constant is expanded to the
+    weight's size (OpenVINO folds constant subgraphs when converting: an expanded offset became a float32 copy)."""
+    from onnx import helper, numpy_helper
+
+    full = list(q.shape)
+    if transposed:
+        cols, rows = full
+        q3, groups_shape = q.reshape(cols // group, group, rows), (cols // group, 1, rows)
+    else:
+        rows, cols = full
+        q3, groups_shape = q.reshape(rows, cols // group, group), (rows, cols // group, 1)
+    inits = [
+        _int_tensor(f"{name}.q", q3, bits),
+        numpy_helper.from_array(np.ascontiguousarray(scale).reshape(groups_shape), f"{name}.scale"),
+        numpy_helper.from_array(np.ascontiguousarray(zero).reshape(groups_shape), f"{name}.zero"),
+        numpy_helper.from_array(np.array(full, np.int64), f"{name}.shape"),
     ]
-    if zero is not None:
-        # [.., groups, ..] -> one copy per group member -> the weight's shape, then w = q * s + z
-        full = list(q.shape)
-        expanded = [groups, group, rows] if transposed else [rows, groups, group]
-        inits += [
-            numpy_helper.from_array(np.ascontiguousarray(zero), f"{name}.zero"),
-            numpy_helper.from_array(np.array([1 if transposed else 2], np.int64), f"{name}.zero_axes"),
-            numpy_helper.from_array(np.array(expanded, np.int64), f"{name}.zero_expand"),
-            numpy_helper.from_array(np.array(full, np.int64), f"{name}.zero_shape"),
-        ]
-        nodes += [
-            helper.make_node("Unsqueeze", [f"{name}.zero", f"{name}.zero_axes"], [f"{name}.z1"]),
-            helper.make_node("Expand", [f"{name}.z1", f"{name}.zero_expand"], [f"{name}.z2"]),
-            helper.make_node("Reshape", [f"{name}.z2", f"{name}.zero_shape"], [f"{name}.z3"]),
-            helper.make_node("Add", [dq_out, f"{name}.z3"], [name], name=f"{name}.AddZero"),
-        ]
+    attrs = dict(axis=1 if transposed else 2, block_size=group)
+    nodes = [
+        helper.make_node(
+            "DequantizeLinear", [f"{name}.q", f"{name}.scale"], [f"{name}.dq"], name=f"{name}.DQ", **attrs
+        ),
+        helper.make_node("Add", [f"{name}.dq", f"{name}.zero"], [f"{name}.dqz"], name=f"{name}.AddZero"),
+        helper.make_node("Reshape", [f"{name}.dqz", f"{name}.shape"], [name], name=f"{name}.Reshape"),
+    ]
     return nodes, inits
 
 

@@ -48,16 +48,18 @@ class ExportedModel(nn.Module):
         return sum((self.folder / name).stat().st_size for name in info.get("model_files", []))
 
 
-def load_exported(folder: str | Path, threads: int | None = None, device: str = "CPU", accuracy_level: int = 1):
+def load_exported(folder: str | Path, threads: int | None = None, device: str = "CPU", exact: bool = True):
     """Load an ``onnx`` or ``openvino`` export written by `hf_compress.export.export`.
 
     Args:
         folder: the export folder (holding ``hf_compress_export.json``).
         threads: intra-op threads of the engine (default: the engine's own choice).
         device: OpenVINO device name (``"CPU"``, ``"GPU"``, ...).
-        accuracy_level: ONNX Runtime fuses DequantizeLinear + MatMul into ``MatMulNBits``, whose default accuracy
-            level 4 quantizes activations to int8 on the fly (measured 1e-2 off on a tiny Llama). 1 (default here)
-            keeps float32 activations, so the output matches the PyTorch model to float rounding; 4 is faster.
+        exact: keep float32 activations, so the output matches the PyTorch model to float rounding (default).
+            Both engines' defaults quantize activations to int8 on the fly for compressed weights (ONNX Runtime's
+            ``MatMulNBits`` accuracy level 4 after fusing DequantizeLinear + MatMul, OpenVINO's dynamic
+            quantization; measured 1e-2 off on a tiny Llama), and OpenVINO computes in bf16 on AMX CPUs:
+            ``exact=False`` keeps those defaults (faster, less exact).
     """
     folder = Path(folder)
     info = json.loads((folder / MANIFEST).read_text())
@@ -69,7 +71,8 @@ def load_exported(folder: str | Path, threads: int | None = None, device: str = 
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+        if exact:
+            options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
         session = ort.InferenceSession(
             str(folder / info["model_files"][0]), options, providers=["CPUExecutionProvider"]
         )
@@ -81,9 +84,8 @@ def load_exported(folder: str | Path, threads: int | None = None, device: str = 
         import openvino as ov
 
         config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
-        if device == "CPU":
-            # f32 like the PyTorch model (bf16 is the default on AMX CPUs), and no on-the-fly int8 quantization of
-            # activations for compressed weights (measured 1e-2 off on a tiny Llama with it).
+        if device == "CPU" and exact:
+            # f32 like the PyTorch model, no on-the-fly int8 quantization of activations
             config.update(INFERENCE_PRECISION_HINT="f32", DYNAMIC_QUANTIZATION_GROUP_SIZE=0)
         compiled = ov.Core().compile_model(str(folder / info["model_files"][0]), device, config)
         request = compiled.create_infer_request()
