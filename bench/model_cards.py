@@ -35,7 +35,7 @@ EXAMPLES = {
         "hf-compress compress --preset distil  # recovery distillation: 60 steps",
     ),
 }
-KEEP = ("README.md", "hf_compress_report.json", "hf_compress_recipe.json", "plots")
+KEEP = ("README.md", "hf_compress_report.json", "hf_compress_request.json", "plots")
 
 
 def render(name: str, calibration: list[str], eval_texts: list[str], task_rows: list[dict]) -> dict:

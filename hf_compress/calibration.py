@@ -1,50 +1,126 @@
-"""Calibration data: turn what a user passes (texts, a `datasets.Dataset`, token batches) into model batches."""
+"""Calibration data: what a user passes (texts, a `datasets.Dataset`, token batches) as one `Calibration` object,
+built once per `apply_compression` / `compress` call and passed explicitly to each technique's apply hook; model
+batches from it (`calibration_batches`) and the padding-aware input moments GPTQ and low-rank whitening use
+(`input_moments`). How the data forms are checked is in `hf_compress.validation`."""
 
 from __future__ import annotations
 
-import numbers
-from collections.abc import Iterable, Iterator, Mapping
+import dataclasses
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+from torch import nn
 
-from .validation import WrongTypeError, describe
+from .validation import check_batch, data_form, texts_of
 
 
 __all__ = [
+    "Calibration",
     "calibration_batches",
+    "input_moments",
+    "unwrap",
     "resolve_tokenizer",
     "usable_length",
-    "data_form",
-    "texts_of",
-    "check_task_data",
     "check_tokenizer_fits",
 ]
 
-DATA_FORMS = (
-    "a list of texts (list[str]), a datasets.Dataset with a {col!r} column, a list of row dicts with a {col!r} "
-    "field, or tokenized batches (a list of dicts of tensors with 'input_ids', as tokenizer(..., return_tensors='pt') "
-    "gives)"
-)
-TEXT_FORMS = (
-    "a list of texts (list[str]), a datasets.Dataset with a {col!r} column or a list of row dicts with a {col!r} field"
-)
 DEFAULT_MAX_LENGTH = 128
 
 
-def remember_tokenizer(model, tokenizer) -> None:
-    """Let the techniques' calibration find the tokenizer (`hf_compress.calibration.resolve_tokenizer` reads
-    ``model.hf_compress_tokenizer`` as a path or Hub id) when the model was passed as an object."""
-    source = getattr(tokenizer, "name_or_path", None)
-    if source and getattr(model, "hf_compress_tokenizer", None) is None:
-        model.hf_compress_tokenizer = source
+@dataclasses.dataclass
+class Calibration:
+    """The calibration data of one compression, handed to every technique's ``apply(model, config, calibration)``.
+
+    Attributes:
+        data: texts, row dicts, a `datasets.Dataset` or tokenized batches (see `calibration_batches`).
+        tokenizer: tokenizes texts; None means the one saved with the model's checkpoint (``config._name_or_path``).
+        max_length: tokens per text at most (None: `usable_length`'s default, capped by the model).
+        text_column: the text field of rows and datasets.
+
+    Batches carry their ``attention_mask``: `input_moments` leaves the padding out.
+    """
+
+    data: Any
+    tokenizer: Any = None
+    max_length: int | None = None
+    text_column: str = "text"
+
+    @classmethod
+    def of(cls, data: Any, tokenizer: Any = None) -> Calibration | None:
+        """`data` as a `Calibration` (None stays None; a `Calibration` gets `tokenizer` if it has none)."""
+        if data is None or (isinstance(data, Calibration) and (tokenizer is None or data.tokenizer is not None)):
+            return data
+        if isinstance(data, Calibration):
+            return dataclasses.replace(data, tokenizer=tokenizer)
+        return cls(data, tokenizer)
+
+    def batches(self, model: Any, *, batch_size: int = 16, max_samples: int | None = None,
+                name: str = "calibration_data") -> Iterator[dict[str, torch.Tensor]]:  # fmt: skip
+        return calibration_batches(model, self, batch_size=batch_size, max_samples=max_samples, name=name)
+
+    def input_moments(self, model: nn.Module, module_names: Iterable[str], *, max_samples: int | None = None,
+                      batch_size: int = 16, float64: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
+        """``E[x x^T]`` of each named module's input over the real (unpadded) tokens (see `input_moments`)."""
+        modules = {name: model.get_submodule(name) for name in module_names}
+        return input_moments(model, modules, self.batches(model, batch_size=batch_size, max_samples=max_samples),
+                             float64=float64)  # fmt: skip
+
+
+def unwrap(data: Any, tokenizer: Any = None) -> tuple[Any, Any]:
+    """The raw data and tokenizer of `data` (a `Calibration` or the raw data itself); an explicit `tokenizer` wins."""
+    if isinstance(data, Calibration):
+        return data.data, tokenizer if tokenizer is not None else data.tokenizer
+    return data, tokenizer
+
+
+@torch.no_grad()
+def input_moments(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable[dict[str, torch.Tensor]], *,
+                  float64: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
+    """``E[x x^T]`` of each module's input over the real tokens of `batches`: positions whose ``attention_mask`` is 0
+    (padding) are left out. One forward per batch. ``float64=False`` sums float32 products on the input's device
+    (GPTQ's Hessians); ``float64=True`` adds each float32 product to a float64 sum on the CPU (low-rank whitening).
+    Modules the forward passes never reach are missing from the result."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    state: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].detach()
+            mask = state["mask"]
+            if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+                x = x[mask]
+            x = x.reshape(-1, x.shape[-1]).float()
+            if name not in sums:
+                d = x.shape[1]
+                sums[name] = torch.zeros(d, d, dtype=torch.float64) if float64 else torch.zeros(d, d, device=x.device)
+                counts[name] = 0
+            if float64:
+                sums[name] += (x.t() @ x).double().cpu()
+            else:
+                sums[name].addmm_(x.t(), x)
+            counts[name] += x.shape[0]
+
+        return record
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
+    try:
+        for batch in batches:
+            mask = batch.get("attention_mask")
+            state["mask"] = mask.bool() if mask is not None else None
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: total / max(counts[name], 1) for name, total in sums.items()}
 
 
 def resolve_tokenizer(model: Any, tokenizer: Any = None) -> Any:
     """`tokenizer`, or the one saved next to the model's checkpoint (``config._name_or_path``)."""
     if tokenizer is not None:
         return tokenizer
-    source = getattr(model, "hf_compress_tokenizer", None) or getattr(model.config, "_name_or_path", None)
+    source = getattr(model.config, "_name_or_path", None)
     if not source:
         raise ValueError(
             "Calibration texts need a tokenizer, and this model was not loaded from a checkpoint that has one. "
@@ -79,6 +155,10 @@ def calibration_batches(
         max_samples: use at most this many texts.
         name: what the data is called in error messages (``calibration_data``, ``eval_data``, ...).
     """
+    if isinstance(data, Calibration):
+        max_length = max_length if max_length is not None else data.max_length
+        text_column = data.text_column
+    data, tokenizer = unwrap(data, tokenizer)
     if data is None:
         raise ValueError(f"No {name} given; pass a list of texts or a datasets.Dataset.")
     device = next(model.parameters()).device
@@ -108,121 +188,6 @@ def calibration_batches(
         yield {k: v.to(device) for k, v in encoded.items()}
 
 
-# -- data forms -----------------------------------------------------------------------------------------------------
-def data_form(name: str, data: Any, text_column: str = "text", batches: bool = True) -> str | None:
-    """Which accepted form `data` has: ``"texts"``, ``"rows"``, ``"dataset"``, ``"batches"`` (``None`` for None).
-
-    `batches` says whether tokenized batches are accepted (calibration) or texts are needed (fidelity, recovery).
-    Lists are checked item by item; an iterator of batches is checked as it is consumed (`calibration_batches`).
-    """
-    forms = (DATA_FORMS if batches else TEXT_FORMS).format(col=text_column)
-    if data is None:
-        return None
-    if isinstance(data, (str, bytes)):
-        raise WrongTypeError(
-            f"{name} must be a list of texts, not a single string; wrap it in a list: [{data!r:.40}]."
-        )
-    columns = getattr(data, "column_names", None)
-    if isinstance(columns, Mapping):  # a DatasetDict
-        raise WrongTypeError(
-            f"{name} is a DatasetDict with splits {sorted(columns)}; pass one split, e.g. data['train']."
-        )
-    if isinstance(data, Mapping):
-        raise WrongTypeError(
-            f"{name} is a dict (keys {sorted(map(str, data))[:6]}); accepted: {forms}. For a dict of columns use "
-            f"datasets.Dataset.from_dict(...){'; wrap one tokenized batch in a list' if batches else ''}."
-        )
-    if columns is not None:
-        if text_column in columns:
-            return "dataset"
-        if batches and "input_ids" in columns:
-            return "batches"
-        raise ValueError(
-            f"The {name} dataset has columns {columns}; expected a {text_column!r} column (pass text_column=...)"
-            + (" or tokenized 'input_ids'." if batches else ".")
-        )
-    if isinstance(data, (list, tuple)):
-        if not data:
-            raise ValueError(f"{name} is empty; give at least one text.")
-        if all(isinstance(item, str) for item in data):
-            return "texts"
-        if all(isinstance(item, Mapping) for item in data):
-            if batches and all("input_ids" in item for item in data):
-                for index, item in enumerate(data):
-                    check_batch(name, index, item)
-                return "batches"
-            bad = next((i for i, item in enumerate(data) if not isinstance(item.get(text_column), str)), None)
-            if bad is None:
-                return "rows"
-            raise WrongTypeError(
-                f"{name}[{bad}] is a dict with keys {sorted(map(str, data[bad]))[:6]} and no {text_column!r} text; "
-                f"accepted: {forms}."
-            )
-        bad = next(i for i, item in enumerate(data) if not isinstance(item, str))
-        raise WrongTypeError(
-            f"{name}[{bad}] is {describe(data[bad])}; every item must be a text (str). Accepted: {forms}."
-        )
-    if batches and isinstance(data, Iterable) and not isinstance(data, (numbers.Number, bytes)):
-        return "batches"  # a generator or DataLoader of batches, checked batch by batch as it is read
-    raise WrongTypeError(f"{name} must be {forms}; got {describe(data)}.")
-
-
-def check_batch(name: str, index: int, batch: Any) -> None:
-    import torch
-
-    if not isinstance(batch, Mapping):
-        raise WrongTypeError(f"{name}: batch {index} is {describe(batch)}; tokenized batches are dicts of tensors.")
-    ids = batch.get("input_ids")
-    if not isinstance(ids, torch.Tensor):
-        raise WrongTypeError(
-            f"{name}[{index}]['input_ids'] is {describe(ids)}; tokenized batches hold tensors: "
-            "tokenizer(texts, padding=True, return_tensors='pt')."
-        )
-
-
-def texts_of(data: Any, form: str | None, text_column: str = "text") -> list[str] | None:
-    """The texts of `data` of form `form` (see `data_form`), or ``None`` for tokenized batches / no data."""
-    if form == "texts":
-        return list(data)
-    if form == "rows":
-        return [row[text_column] for row in data]
-    if form == "dataset":
-        texts = list(data[text_column])
-        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
-        if bad is not None:
-            raise WrongTypeError(
-                f"The {text_column!r} column holds {describe(texts[bad])} at row {bad}; it must hold texts."
-            )
-        return texts
-    return None
-
-
-def check_task_data(data: Any, text_column: str = "text", label_column: str = "label") -> None:
-    """Labeled rows: a list of dicts or a `datasets.Dataset`, each with a text and a label."""
-    if data is None:
-        return
-    need = f"{text_column!r} and {label_column!r}"
-    columns = getattr(data, "column_names", None)
-    if columns is not None and not isinstance(columns, Mapping):
-        missing = [c for c in (text_column, label_column) if c not in columns]
-        if missing:
-            raise ValueError(f"task_data has columns {columns}; it needs {need} (missing {missing}).")
-        return
-    if not isinstance(data, (list, tuple)) or not data or not all(isinstance(r, Mapping) for r in data):
-        raise WrongTypeError(
-            f"task_data must be labeled rows: a list of dicts or a datasets.Dataset with {need}, e.g. "
-            f"[{{'text': 'a mail client', 'label': 3}}, ...]; got {describe(data)}."
-        )
-    bad = next(
-        (i for i, r in enumerate(data) if not isinstance(r.get(text_column), str) or label_column not in r), None
-    )
-    if bad is not None:
-        raise ValueError(
-            f"task_data[{bad}] = {describe(data[bad])} needs a {text_column!r} text and a {label_column!r}."
-        )
-
-
-# -- tokenization ---------------------------------------------------------------------------------------------------
 def _vocab_rows(model: Any) -> int | None:
     get = getattr(model, "get_input_embeddings", None)
     try:

@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--preset", choices=sorted(PRESETS),
                       help=f"Named recipe (default {DEFAULT_PRESET!r} when nothing else is given). "
                       + _escape(" ".join(f"{k}: {v.description}" for k, v in PRESETS.items())))  # fmt: skip
-    what.add_argument("--recipe", help="JSON file with a list of technique configs (e.g. hf_compress_recipe.json).")
+    what.add_argument("--recipe", help="JSON file with a list of technique configs (e.g. hf_compress_request.json), "
+                      "or a compressed folder / its config.json (its resolved recipe).")
     what.add_argument("--budget", help="Target size: megabytes ('12', '12MB') or a reduction factor ('10x'). "
                       "Searches the settings with the best measured fidelity that fit.")  # fmt: skip
     _add_data_options(c)

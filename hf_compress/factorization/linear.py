@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from ..architectures import get_adapter
-from ..calibration import calibration_batches
+from ..calibration import calibration_batches, input_moments
 from ..config import TechniqueConfig
 from ..utils import check_pattern_matches, matches, replace_module
 from .config import LowRankLinearConfig
@@ -67,34 +67,11 @@ def _targets(model: PreTrainedModel, config: LowRankLinearConfig) -> dict[str, n
 def _input_moments(
     model: PreTrainedModel, targets: dict[str, nn.Module], data: Any, max_texts: int, tokenizer: Any
 ) -> dict[str, torch.Tensor]:
-    """``E[x x^T]`` of each target's input over the real (unpadded) calibration tokens."""
-    sums = {name: torch.zeros(_shape(m)[1], _shape(m)[1], dtype=torch.float64) for name, m in targets.items()}
-    counts = dict.fromkeys(targets, 0)
-    state: dict[str, torch.Tensor | None] = {"mask": None}
-
-    def hook(name):
-        def record(module, args):
-            x = args[0].detach()
-            mask = state["mask"]
-            if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
-                x = x[mask]
-            x = x.reshape(-1, x.shape[-1]).float()
-            sums[name] += (x.t() @ x).double().cpu()  # float32 product per batch, float64 running sum
-            counts[name] += x.shape[0]
-
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(name)) for name, m in targets.items()]
-    try:
-        with torch.no_grad():
-            for batch in calibration_batches(model, data, tokenizer=tokenizer, max_samples=max_texts):
-                mask = batch.get("attention_mask")
-                state["mask"] = mask.bool() if mask is not None else None
-                model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: sums[name] / max(counts[name], 1) for name in targets}
+    """``E[x x^T]`` of each target's input over the real (unpadded) calibration tokens (zeros where none arrive)."""
+    batches = calibration_batches(model, data, tokenizer=tokenizer, max_samples=max_texts)
+    moments = input_moments(model, targets, batches, float64=True)
+    return {name: moments.get(name, torch.zeros(_shape(m)[1], _shape(m)[1], dtype=torch.float64))
+            for name, m in targets.items()}  # fmt: skip
 
 
 def _budget_ranks(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: float):

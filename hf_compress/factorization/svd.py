@@ -45,7 +45,8 @@ def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
     """Smallest rank whose singular values keep at least `energy` of the squared spectrum (the Frobenius energy)."""
     squared = singular_values.double().pow(2)
     cumulative = squared.cumsum(0) / squared.sum().clamp_min(1e-30)
-    return int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=cumulative.dtype)).item()) + 1
+    rank = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=cumulative.dtype)).item()) + 1
+    return min(rank, len(squared))  # energy 1.0 when rounding leaves the cumulative sum just under 1: the full rank
 
 
 def weighted_row_svd(

@@ -19,6 +19,9 @@ from ..registry import registered_techniques
 
 __all__ = ["build_card_files", "render_card", "regenerate_card", "size_plot"]
 
+REPORT_FILE = "hf_compress_report.json"
+REQUEST_FILE = "hf_compress_request.json"  # the technique configs asked for, before apply resolved them
+RECIPE_REFERENCE = {"see": "config.json", "key": "quantization_config"}  # the report's recipe: held once, there
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _TAGS = {
     "head_pruning": "head-pruning",
@@ -98,7 +101,7 @@ def render_card(report: CompressionReport, repo_id: str | None = None, reproduce
         recipe = json.dumps([{k: v for k, v in t.items() if not isinstance(v, (dict, list))}
                              for t in report.recipe.get("techniques", [])], indent=2, sort_keys=True)  # fmt: skip
     steps = ", ".join(t["method"] for t in _techniques(report)) or "none"
-    command = reproduce_command or f"hf-compress compress {base} --recipe hf_compress_recipe.json"
+    command = reproduce_command or f"hf-compress compress {base} --recipe {REQUEST_FILE}"
     lines = [
         f"# {data.model_name}",
         "",
@@ -128,7 +131,7 @@ def render_card(report: CompressionReport, repo_id: str | None = None, reproduce
         "## Recipe",
         "",
         "The resolved recipe (every data-dependent choice made explicit) is stored in `config.json` under "
-        "`quantization_config`; the requested one is in `hf_compress_recipe.json`.",
+        f"`quantization_config`; the requested one is in `{REQUEST_FILE}`.",
         "",
         "```json",
         recipe,
@@ -245,7 +248,10 @@ def regenerate_card(
         raise FileNotFoundError(
             f"{folder} has no hf_compress_report.json: it was not written by hf_compress.compress."
         )
-    report = CompressionReport(**json.loads(path.read_text()))
+    stored = json.loads(path.read_text())
+    if stored.get("recipe") == RECIPE_REFERENCE:  # the resolved recipe is held once, in config.json
+        stored["recipe"] = json.loads((folder / "config.json").read_text()).get("quantization_config", {})
+    report = CompressionReport(**stored)
     repo_id = repo_id or report.card_info.get("repo_id")
     reproduce_command = reproduce_command or report.card_info.get("reproduce_command")
     plots = sorted(p.relative_to(folder).as_posix() for p in (folder / "plots").glob("*.png"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ..calibration import Calibration
 from ..config import CompressionConfig, TechniqueConfig, check_canonical_order
 from ..plugin import attach_recipe, get_recipe
 from ..registry import get_technique
@@ -18,7 +19,7 @@ __all__ = ["apply_compression"]
 
 
 def apply_compression(
-    model: PreTrainedModel, *configs: TechniqueConfig, calibration_data: Any = None
+    model: PreTrainedModel, *configs: TechniqueConfig, calibration_data: Any = None, tokenizer: Any = None
 ) -> PreTrainedModel:
     """Compress `model` in place with `configs`, in canonical order, and record the resolved recipe.
 
@@ -29,6 +30,8 @@ def apply_compression(
         model (`PreTrainedModel`): a model with real weights.
         *configs (`TechniqueConfig`): what to apply.
         calibration_data (`datasets.Dataset | list[str]`, *optional*): text for data-aware techniques.
+        tokenizer (*optional*): tokenizes the calibration texts; by default the one saved with the model's
+            checkpoint. Both travel to each technique's apply hook as one `hf_compress.calibration.Calibration`.
 
     Raises:
         `UnsupportedArchitectureError` (a `ValueError`): a model family without an adapter in
@@ -54,8 +57,9 @@ def apply_compression(
     done = list(previous.techniques) if previous is not None else []
     ordered = sorted(configs, key=lambda c: get_technique(c.method).order)
     check_canonical_order(done + ordered)
+    calibration = Calibration.of(calibration_data, tokenizer)
     for config in ordered:
-        resolved = get_technique(config.method).apply(model, config, calibration_data=calibration_data)
+        resolved = get_technique(config.method).apply(model, config, calibration_data=calibration)
         done.append(resolved)
     attn = previous.attn_implementation if previous is not None else None
     attach_recipe(model, CompressionConfig(done, attn_implementation=attn))

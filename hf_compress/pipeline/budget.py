@@ -232,7 +232,7 @@ def search_budget(model: nn.Module, budget: float | str, *, calibration_data: An
         ``(configs, choice)``: the technique configs to apply, and a JSON-ready record of the decision (target,
         the chosen candidate, every measured candidate with size and cosine, and a one-line summary).
     """
-    from ..calibration import calibration_batches, remember_tokenizer
+    from ..calibration import calibration_batches
     from ..evaluation.measure import sentence_embeddings
     from .apply import apply_compression
 
@@ -275,12 +275,13 @@ def search_budget(model: nn.Module, budget: float | str, *, calibration_data: An
         key = (cand.rank, cand.head_fraction, cand.ffn_fraction)
         if key not in structures:
             structured = copy.deepcopy(original)
-            remember_tokenizer(structured, tokenizer)
             if cand.structure_configs():
-                apply_compression(structured, *cand.structure_configs(), calibration_data=calibration_data)
+                apply_compression(structured, *cand.structure_configs(), calibration_data=calibration_data,
+                                  tokenizer=tokenizer)
             structures[key] = structured
         trial = copy.deepcopy(structures[key])
-        apply_compression(trial, cand.quant_config(algorithm="rtn"), calibration_data=calibration_data)
+        apply_compression(trial, cand.quant_config(algorithm="rtn"), calibration_data=calibration_data,
+                          tokenizer=tokenizer)
         cand.measured_bytes = size_breakdown(trial)["bytes"]
         new = sentence_embeddings(trial, batches)
         cand.cosine = float(nn.functional.cosine_similarity(new, reference, dim=-1).mean())

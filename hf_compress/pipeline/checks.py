@@ -22,7 +22,7 @@ def check_compress_args(args: dict[str, Any], structural: bool) -> dict[str, str
 
     `structural` says whether pruning or factorization will run (recovery distillation needs them and texts).
     """
-    from ..calibration import check_task_data, data_form
+    from ..validation import check_task_data, data_form
     from .presets import PRESETS
 
     preset, budget, distill = args["preset"], args["budget"], args["distill"]
@@ -163,6 +163,8 @@ def recipe_configs(recipe: Any) -> list:
         return [TechniqueConfig.from_dict(t.to_dict()) for t in recipe.techniques]
     if isinstance(recipe, (str, os.PathLike)):
         path = Path(recipe)
+        if path.is_dir() and (path / "config.json").is_file():  # a compressed folder: its resolved recipe
+            path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"Recipe file {path} not found; expected a JSON list of technique dicts.")
         try:
@@ -171,6 +173,8 @@ def recipe_configs(recipe: Any) -> list:
             raise ValueError(
                 f"Recipe file {path} is not valid JSON ({err}); expected a list of technique dicts."
             ) from None
+        if isinstance(recipe, dict) and isinstance(recipe.get("quantization_config"), dict):  # a config.json
+            recipe = recipe["quantization_config"]
         recipe = recipe.get("techniques", recipe) if isinstance(recipe, dict) else recipe
     if not isinstance(recipe, list):
         raise TypeError(

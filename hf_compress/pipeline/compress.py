@@ -13,13 +13,14 @@ from typing import Any
 
 import torch
 
-from ..calibration import check_tokenizer_fits, remember_tokenizer, texts_of
+from ..calibration import check_tokenizer_fits
 from ..config import CompressionConfig, TechniqueConfig
 from ..evaluation.measure import measure_report
 from ..evaluation.report import CompressionReport
+from ..hub.card import RECIPE_REFERENCE, REPORT_FILE, REQUEST_FILE
 from ..hub.saving import check_output_dir, save_compressed, source_folders
 from ..registry import get_technique
-from ..validation import check_supported
+from ..validation import check_supported, texts_of
 from .apply import apply_compression
 from .checks import check_compress_args, load_config, recipe_configs
 from .presets import DEFAULT_PRESET, preset_configs
@@ -130,7 +131,8 @@ def compress(
             with the class in their ``config.json`` (`auto_class` overrides it).
         *configs (`TechniqueConfig`): technique configs, e.g. ``HeadPruningConfig(fraction=1/3)``.
         recipe (`CompressionConfig`, `list[dict]` or path, *optional*): a recipe object, its technique dicts, or a
-            JSON file holding that list (what ``hf_compress_recipe.json`` of a compressed folder contains).
+            JSON file holding that list (``hf_compress_request.json`` of a compressed folder), or a compressed folder / its
+            ``config.json`` (its resolved recipe).
         preset (`str`, *optional*): one of `hf_compress.pipeline.presets.PRESETS` (``int8``, ``int4``, ``distil``, ``max``).
         budget (`float` or `str`, *optional*): a target size: megabytes (``12`` or ``"12MB"``) or a reduction
             factor (``"10x"``). Searches settings that fit with the best measured fidelity (needs calibration data;
@@ -286,11 +288,10 @@ class _StageBar:
 
 def _apply(model, configs, calibration_data, original, distill, tokenizer) -> None:
     """Structure first, then recovery distillation, then quantization (the canonical order)."""
-    remember_tokenizer(model, tokenizer)
     structural = [c for c in configs if get_technique(c.method).stage != "quantize"]
     quantize = [c for c in configs if get_technique(c.method).stage == "quantize"]
     if structural:
-        apply_compression(model, *structural, calibration_data=calibration_data)
+        apply_compression(model, *structural, calibration_data=calibration_data, tokenizer=tokenizer)
     if distill:
         if not structural:
             logger.warning("Recovery distillation skipped: no pruning or factorization ran, nothing to recover.")
@@ -300,16 +301,20 @@ def _apply(model, configs, calibration_data, original, distill, tokenizer) -> No
             kwargs = distill if isinstance(distill, dict) else {}
             recover(model, original, calibration_data, tokenizer=tokenizer, **kwargs)
     if quantize:
-        apply_compression(model, *quantize, calibration_data=calibration_data)
+        apply_compression(model, *quantize, calibration_data=calibration_data, tokenizer=tokenizer)
 
 
 def save_result(result: CompressionResult, output_dir, base_name: str, repo_id: str | None = None, card: bool = True,
                 reproduce_command: str | None = None, overwrite: bool | str = False) -> Path:  # fmt: skip
-    """Save model, tokenizer, report JSON, input recipe, model card and plots atomically into `output_dir`."""
+    """Save model, tokenizer, report JSON, the request, model card and plots atomically into `output_dir`.
+
+    The resolved recipe is held once, in ``config.json`` (``quantization_config``); ``hf_compress_request.json`` is
+    what was asked for (the technique configs before apply resolved them) and the report JSON refers to config.json.
+    """
 
     def extra_files(saved: Path) -> dict[str, bytes | str]:
         extra: dict[str, bytes | str] = {
-            "hf_compress_recipe.json": json.dumps([c.to_dict() for c in result.configs], indent=2) + "\n",
+            REQUEST_FILE: json.dumps([c.to_dict() for c in result.configs], indent=2) + "\n",
         }
         report = result.report
         if report is None:
@@ -320,7 +325,8 @@ def save_result(result: CompressionResult, output_dir, base_name: str, repo_id: 
 
             extra.update(build_card_files(report, repo_id=repo_id, reproduce_command=reproduce_command,
                                           head_importance=_head_importance(result.model)))  # fmt: skip
-        extra["hf_compress_report.json"] = json.dumps(report.to_dict(), indent=2, default=str) + "\n"
+        stored = {**report.to_dict(), "recipe": RECIPE_REFERENCE}  # the resolved recipe is in config.json
+        extra[REPORT_FILE] = json.dumps(stored, indent=2, default=str) + "\n"
         return extra
 
     return save_compressed(result.model, output_dir, tokenizer=result.tokenizer, extra_files=extra_files,

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration import data_form, texts_of, usable_length
-from ..validation import check_bool, check_number
+from ..calibration import usable_length
+from ..validation import check_bool, check_number, data_form, texts_of
 
 
 __all__ = ["recover", "trainable_parameters", "TRAIN_CHOICES"]

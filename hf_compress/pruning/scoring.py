@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..architectures import get_adapter, head_dim
-from ..calibration import calibration_batches
+from ..calibration import calibration_batches, unwrap
 from .layers import ConstantProjection, EmptyAttention
 from .surgery import gqa_layout, kept_heads
 
@@ -143,6 +143,7 @@ def compute_importance(
         return normalize_per_layer(_magnitude(model, kind))
     if method != "gradient":
         raise ValueError(f"method must be 'gradient', 'magnitude' or 'random', got {method!r}.")
+    calibration_data, tokenizer = unwrap(calibration_data, tokenizer)
     if calibration_data is None:
         raise ValueError(
             "importance='gradient' needs calibration data (a list of texts or a datasets.Dataset); pass "

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ..calibration import calibration_batches, input_moments
 from ..utils import replace_module
 from .algorithms import QuantizedWeight, _least_squares, _storable, check_weight
 from .convert import new_module, quantize_into
@@ -29,39 +30,16 @@ __all__ = ["gptq_quantize", "collect_hessians", "gptq_weight"]
 _BLOCK = 128
 
 
-@torch.no_grad()
 def collect_hessians(model: nn.Module, names: list[str], batches) -> dict[str, torch.Tensor]:
-    """``X^T X / n`` of the inputs of each named linear module, over the calibration batches (one forward each)."""
-    hessians: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    handles = []
-
-    def hook(name):
-        def fn(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            if name not in hessians:
-                hessians[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-                counts[name] = 0
-            hessians[name].addmm_(x.t(), x)
-            counts[name] += x.shape[0]
-
-        return fn
-
-    for name in names:
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook(name)))
-    try:
-        for batch in batches:
-            model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    """``X^T X / n`` of the inputs of each named linear module over the real (unpadded) tokens of the calibration
+    batches (one forward each; `hf_compress.calibration.input_moments`)."""
+    hessians = input_moments(model, {name: model.get_submodule(name) for name in names}, batches)
     missing = [n for n in names if n not in hessians]
     if missing:
         raise ValueError(f"The calibration forward passes never reached {missing[:4]}; GPTQ cannot quantize them.")
-    return {name: h / counts[name] for name, h in hessians.items()}
+    return hessians
 
 
-@torch.no_grad()
 def gptq_weight(
     weight: torch.Tensor, hessian: torch.Tensor, spec: ModuleSpec, damp: float, dtype: torch.dtype, name: str
 ) -> QuantizedWeight:
@@ -111,8 +89,6 @@ def gptq_quantize(
     model: nn.Module, specs: dict[str, ModuleSpec], config: WeightQuantizationConfig, calibration_data: Any
 ) -> None:
     """Quantize the linear modules of `specs` with GPTQ (embeddings use the least-squares method), in place."""
-    from ..calibration import calibration_batches
-
     if calibration_data is None:
         raise ValueError(
             "algorithm='gptq' needs calibration data: apply_compression(model, config, calibration_data=texts) with "

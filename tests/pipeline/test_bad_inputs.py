@@ -275,15 +275,9 @@ ROWS = [
      lambda c: _compress(c, Head(fraction=0.25), tokenizer=c.tokenizer, calibration_data=TEXTS),
      ValueError, r"The tokenizer has 30522 tokens but the model's input embedding has 128 rows"),
     ("tokenizer-too-large-apply",
-     lambda c: apply_compression(_with_tokenizer(c), Head(fraction=0.25), calibration_data=TEXTS),
+     lambda c: apply_compression(c.model(), Head(fraction=0.25), calibration_data=TEXTS, tokenizer=c.tokenizer),
      ValueError, r"tokenizer has 30522 tokens .* 128 rows"),
 ]  # fmt: skip
-
-
-def _with_tokenizer(c: Ctx):
-    model = c.model()
-    model.hf_compress_tokenizer = c.tokenizer.name_or_path  # how compress() tells the techniques
-    return model
 
 
 def test_the_table_is_large_and_distinct():

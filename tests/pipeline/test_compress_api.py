@@ -53,7 +53,7 @@ def test_saved_folder_reloads_identically_and_is_documented(minilm_result, minil
     result, out = minilm_result
     names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "plots/size_breakdown.png",
-            "hf_compress_report.json", "hf_compress_recipe.json"} <= names  # fmt: skip
+            "hf_compress_report.json", "hf_compress_request.json"} <= names  # fmt: skip
     assert not list(out.parent.glob(f".{out.name}.tmp-*"))
     reloaded = AutoModel.from_pretrained(out).eval()
     inputs = minilm_tokenizer(["a mail client", "image viewer"], padding=True, return_tensors="pt")
@@ -87,8 +87,12 @@ def test_card_regeneration_is_idempotent(minilm_result, tmp_path):
 
 def test_recipe_file_reproduces_the_same_recipe(minilm_result, tmp_path):
     result, out = minilm_result
-    again = compress(result.report.base_model, recipe=out / "hf_compress_recipe.json", measure=False)
+    again = compress(result.report.base_model, recipe=out / "hf_compress_request.json", measure=False)
     assert get_recipe(again.model) == get_recipe(result.model)
+    resolved = compress(result.report.base_model, recipe=out / "config.json", measure=False)  # the resolved recipe
+    assert get_recipe(resolved.model).techniques == get_recipe(result.model).techniques
+    report = json.loads((out / "hf_compress_report.json").read_text())
+    assert report["recipe"] == {"see": "config.json", "key": "quantization_config"}  # held once, in config.json
 
 
 def test_model_object_and_canonical_order(family_free_tiny):
