@@ -105,6 +105,7 @@ def _print_report(report: Any, as_json: bool) -> None:
 
 
 def run_compress(args: argparse.Namespace, argv: list[str]) -> int:
+    from ..pipeline.checks import check_one_source
     from ..pipeline.compress import compress
     from .redaction import reproduce_command
 
@@ -112,10 +113,7 @@ def run_compress(args: argparse.Namespace, argv: list[str]) -> int:
     given = [n for n in ("preset", "recipe", "budget") if getattr(args, n)]
     if configs and given:
         raise ValueError(f"Give technique options or --{given[0]}, not both.")
-    if len(given) > 1:
-        raise ValueError(
-            f"Give only one of --preset, --recipe and --budget; got {', '.join('--' + g for g in given)}."
-        )
+    check_one_source(given, options=True)
     if args.token and not args.push_to_hub:
         raise ValueError("--token is only used with --push-to-hub USER/NAME: add --push-to-hub, or drop --token.")
     if args.max_samples < 1:
@@ -188,7 +186,7 @@ def _load_checkpoint(path: str) -> tuple[Any, Any, str]:
 
     from safetensors import SafetensorError
 
-    from ..pipeline.compress import load_model
+    from ..pipeline.loading import load_model
 
     if Path(path).is_file():
         raise ValueError(f"{path} is a file: pass the checkpoint folder holding it ({Path(path).parent}) or a Hub id.")
@@ -209,7 +207,7 @@ def _load_checkpoint(path: str) -> tuple[Any, Any, str]:
 
 def run_evaluate(args: argparse.Namespace, argv: list[str]) -> int:
     from ..evaluation.measure import measure_report
-    from ..pipeline.compress import load_model
+    from ..pipeline.loading import load_model
 
     base = args.base
     report_path = Path(args.path) / "hf_compress_report.json"

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..architectures import get_adapter
 from ..plugin import get_recipe
+from ..utils import replace_module
 
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ def make_student(
     student = copy.deepcopy(teacher)
     student_list = adapter.layer_modules(student)
     kept = nn.ModuleList([student_list[i] for i in layers])
-    _set_path(student.base_model, adapter.layers, kept)
+    replace_module(student.base_model, adapter.layers, kept)
     _renumber(kept)
     _update_config(student.config.get_text_config(), layers, teacher_layers)
     if student.config.get_text_config() is not student.config:
@@ -102,10 +103,6 @@ def make_student(
     return student
 
 
-def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, child, module)
 
 
 def _renumber(layers: nn.ModuleList) -> None:

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
 
 from ..architectures import UnsupportedArchitectureError, get_adapter
+from ..integrations.trainer import CheckpointExtrasTrainer
 from .config import DistillationArguments, resolve_layer_map
 from .losses import (
     HiddenProjections,
@@ -29,7 +29,7 @@ PROJECTIONS_NAME = "distillation_projections.safetensors"
 _TERMS = ("kl", "task", "cos", "mse", "attn", "pooled")
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(CheckpointExtrasTrainer):
     """A `Trainer` that trains `model` (the student) to imitate a frozen `teacher`.
 
     The loss is ``sum(alpha_x * loss_x)`` over the terms configured in `DistillationArguments` (soft targets, task
@@ -253,15 +253,15 @@ class DistillationTrainer(Trainer):
                     param.grad /= self.accelerator.num_processes
         return loss
 
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
+    def save_extra_state(self, output_dir: str) -> None:
+        """The projections go into each checkpoint next to the optimizer (see `CheckpointExtrasTrainer`)."""
         if self.projections is not None and self.args.should_save:
             from safetensors.torch import save_file
 
             state = {k: v.detach().contiguous().cpu() for k, v in self.projections.state_dict().items()}
             save_file(state, os.path.join(output_dir, PROJECTIONS_NAME))
 
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+    def load_extra_state(self, checkpoint: str | None) -> None:
         if checkpoint is not None and self.projections is not None:
             path = os.path.join(checkpoint, PROJECTIONS_NAME)
             if not os.path.isfile(path):
@@ -272,7 +272,6 @@ class DistillationTrainer(Trainer):
             from safetensors.torch import load_file
 
             self.projections.load_state_dict(load_file(path, device=str(self.accelerator.device)))
-        super()._load_optimizer_and_scheduler(checkpoint)
 
     # -- logging -----------------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

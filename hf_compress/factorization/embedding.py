@@ -24,6 +24,7 @@ from transformers import PreTrainedModel
 
 from ..architectures import get_adapter
 from ..calibration import calibration_batches
+from ..integrations.transformers import all_tied_keys, drop_tied_keys
 from ..utils import replace_module
 from .config import EmbeddingFactorizationConfig
 from .layers import FactorizedEmbedding, FactorizedLMHead
@@ -216,38 +217,16 @@ def restructure_embedding_factorization(model: PreTrainedModel, config: Embeddin
 
 def _install(model: PreTrainedModel, name: str, factorized: FactorizedEmbedding) -> None:
     source = f"{name}.weight"
-    tied_heads = sorted({t.rpartition(".")[0] for t, s in _all_tied(model).items() if s == source})
+    tied_heads = sorted({t.rpartition(".")[0] for t, s in all_tied_keys(model).items() if s == source})
     replace_module(model, name, factorized)
     for head_name in tied_heads:
         head = model.get_submodule(head_name)
         replace_module(model, head_name, FactorizedLMHead(factorized, bias=getattr(head, "bias", None)))
     if tied_heads:
-        _rewrite_tied_keys(model, name, tied_heads)
-    # Transformers' own resize only knows nn.Embedding; an instance attribute takes precedence over the class
+        drop_tied_keys(model, name, tied_heads)
+    # transformers 5.23/5.24 (private `_resize_token_embeddings`): its own resize only knows nn.Embedding; an instance attribute takes precedence over the class
     # method for `self._resize_token_embeddings(...)` inside `resize_token_embeddings`.
     model._resize_token_embeddings = types.MethodType(_resize_factorized, model)
-
-
-def _all_tied(model: PreTrainedModel) -> dict[str, str]:
-    return dict(getattr(model, "all_tied_weights_keys", None) or {})
-
-
-def _rewrite_tied_keys(model: PreTrainedModel, embedding_name: str, head_names: list[str]) -> None:
-    """Drop the ties between the old table and the heads' weights: the heads now read the factors themselves.
-
-    Other ties (BERT's decoder bias -> ``cls.predictions.bias``) keep their names and stay.
-    """
-    dropped = {f"{embedding_name}.weight", *(f"{head}.weight" for head in head_names)}
-    for prefix, sub in model.named_modules():
-        if isinstance(sub, PreTrainedModel) and sub._tied_weights_keys:
-            lead = f"{prefix}." if prefix else ""
-            # An instance attribute, read by `get_expanded_tied_weights_keys` when `tie_weights()` recomputes.
-            sub._tied_weights_keys = {
-                t: s for t, s in sub._tied_weights_keys.items() if lead + t not in dropped and lead + s not in dropped
-            }
-    for sub in model.modules():
-        if isinstance(sub, PreTrainedModel):
-            sub.all_tied_weights_keys = sub.get_expanded_tied_weights_keys(all_submodels=True)
 
 
 def _resize_factorized(

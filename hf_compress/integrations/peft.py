@@ -10,6 +10,8 @@ process covers `get_peft_model`, `PeftModel.from_pretrained`, ``model.add_adapte
 ``import hf_compress`` calls `install`, which never imports PEFT itself: it registers at once if PEFT is already
 imported, and otherwise registers right after PEFT's own import finishes (an import hook), so ``import hf_compress``
 stays light and the order of the two imports does not matter.
+
+Private internals: ``LoraModel._create_new_module`` (wrapped), checked on peft 0.21.2.
 """
 
 from __future__ import annotations

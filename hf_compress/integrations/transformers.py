@@ -37,6 +37,7 @@ import json
 from functools import wraps
 from typing import Any
 
+from transformers import PreTrainedModel
 from transformers.configuration_utils import PreTrainedConfig
 
 from ..config import QUANT_METHOD
@@ -108,3 +109,28 @@ def install() -> None:
     PreTrainedConfig.to_json_string = guarded_to_json_string
     PreTrainedConfig.__repr__ = unguarded_repr
     PreTrainedConfig._dict_from_json_file = classmethod(unguarded_dict_from_json_file)
+
+
+# -- tied weights (used by embedding factorization) ----------------------------------------------------------------
+def all_tied_keys(model: PreTrainedModel) -> dict[str, str]:
+    """The model's tied weights, target -> source (``all_tied_weights_keys``, transformers 5.23/5.24)."""
+    return dict(getattr(model, "all_tied_weights_keys", None) or {})
+
+
+def drop_tied_keys(model: PreTrainedModel, embedding_name: str, head_names: list[str]) -> None:
+    """Drop the ties between the old table and the heads' weights: the heads now read the factors themselves.
+
+    Other ties (BERT's decoder bias -> ``cls.predictions.bias``) keep their names and stay. Private internals,
+    checked on transformers 5.23/5.24: ``PreTrainedModel._tied_weights_keys`` and ``get_expanded_tied_weights_keys``.
+    """
+    dropped = {f"{embedding_name}.weight", *(f"{head}.weight" for head in head_names)}
+    for prefix, sub in model.named_modules():
+        if isinstance(sub, PreTrainedModel) and sub._tied_weights_keys:
+            lead = f"{prefix}." if prefix else ""
+            # An instance attribute, read by `get_expanded_tied_weights_keys` when `tie_weights()` recomputes.
+            sub._tied_weights_keys = {
+                t: s for t, s in sub._tied_weights_keys.items() if lead + t not in dropped and lead + s not in dropped
+            }
+    for sub in model.modules():
+        if isinstance(sub, PreTrainedModel):
+            sub.all_tied_weights_keys = sub.get_expanded_tied_weights_keys(all_submodels=True)

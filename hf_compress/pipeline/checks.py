@@ -13,7 +13,16 @@ from typing import Any
 from ..validation import WrongTypeError, check_bool, check_number, describe
 
 
-__all__ = ["check_compress_args", "load_config", "recipe_configs"]
+__all__ = ["check_compress_args", "check_one_source", "load_config", "recipe_configs"]
+
+
+def check_one_source(given: list[str], options: bool = False) -> None:
+    """Only one of configs, recipe, preset and budget (`given`: the ones passed); `options` words it for the CLI."""
+    if len(given) <= 1:
+        return
+    if options:
+        raise ValueError(f"Give only one of --preset, --recipe and --budget; got {', '.join('--' + g for g in given)}.")
+    raise ValueError(f"Give only one of configs, recipe, preset or budget; got {' and '.join(given)}.")
 
 
 # -- compress() arguments ------------------------------------------------------------------------------------------

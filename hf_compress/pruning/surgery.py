@@ -17,6 +17,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..architectures import get_adapter, head_dim, num_heads, num_kv_heads
+from ..utils import replace_module
 from .layers import ConstantProjection, EmptyAttention
 
 
@@ -67,11 +68,6 @@ def slice_inputs(module: nn.Module, index: torch.Tensor) -> nn.Module:
     index = index.to(weight.device)
     weight = weight[index] if isinstance(module, Conv1D) else weight[:, index]
     return _new_like(module, weight, module.bias.data if module.bias is not None else None)
-
-
-def _set(layer: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(layer.get_submodule(parent) if parent else layer, child, module)
 
 
 def _units(positions: Sequence[int], width: int) -> torch.Tensor:
@@ -137,14 +133,14 @@ def prune_heads(model: nn.Module, heads_to_prune: dict[int, Sequence[int]]) -> N
             fused = adapter.sub(layer, adapter.fused_qkv)
             _check_prunable(fused, adapter.fused_qkv)
             width = len(current) * dim  # q, k and v are each `width` wide, side by side
-            _set(layer, adapter.fused_qkv, slice_outputs(fused, torch.cat([q_index + p * width for p in range(3)])))
+            replace_module(layer, adapter.fused_qkv, slice_outputs(fused, torch.cat([q_index + p * width for p in range(3)])))
         else:
             for path, rows in ((adapter.query, q_index), (adapter.key, kv_index), (adapter.value, kv_index)):
                 _check_prunable(adapter.sub(layer, path), path)
-                _set(layer, path, slice_outputs(adapter.sub(layer, path), rows))
+                replace_module(layer, path, slice_outputs(adapter.sub(layer, path), rows))
         output = adapter.sub(layer, adapter.output)
         _check_prunable(output, adapter.output)
-        _set(layer, adapter.output, slice_inputs(output, q_index))
+        replace_module(layer, adapter.output, slice_inputs(output, q_index))
         _patch_attention(attention, len(kept), len(new_groups), dim)
         attention.hf_compress_heads = kept
 
@@ -171,10 +167,10 @@ def _empty_attention(layer: nn.Module, adapter, attention: nn.Module) -> None:
         out_name = adapter.output[len(prefix) :]
         if "." in out_name:
             raise NotImplementedError(f"Nested output projection {adapter.output!r} is not supported.")
-        _set(layer, adapter.attention, EmptyAttention(getattr(attention, "layer_idx", None), out_name, constant))
+        replace_module(layer, adapter.attention, EmptyAttention(getattr(attention, "layer_idx", None), out_name, constant))
     else:  # BERT-like: attention.self returns the heads, attention.output.dense projects them
-        _set(layer, adapter.attention, EmptyAttention(getattr(attention, "layer_idx", None), None, None))
-        _set(layer, adapter.output, constant)
+        replace_module(layer, adapter.attention, EmptyAttention(getattr(attention, "layer_idx", None), None, None))
+        replace_module(layer, adapter.output, constant)
 
 
 # -- FFN ---------------------------------------------------------------------------------------------------------------
@@ -203,14 +199,14 @@ def prune_ffn(model: nn.Module, keep: dict[int, torch.Tensor | int]) -> None:
             continue
         for path in adapter.ffn_in:
             _check_prunable(adapter.sub(layer, path), path)
-            _set(layer, path, slice_outputs(adapter.sub(layer, path), kept))
+            replace_module(layer, path, slice_outputs(adapter.sub(layer, path), kept))
         out = adapter.sub(layer, adapter.ffn_out)
         _check_prunable(out, adapter.ffn_out)
         if len(kept) == 0:
             width = out.weight.shape[1] if isinstance(out, Conv1D) else out.weight.shape[0]
-            _set(layer, adapter.ffn_out, ConstantProjection(width, out.bias.data if out.bias is not None else None))
+            replace_module(layer, adapter.ffn_out, ConstantProjection(width, out.bias.data if out.bias is not None else None))
         else:
-            _set(layer, adapter.ffn_out, slice_inputs(out, kept))
+            replace_module(layer, adapter.ffn_out, slice_inputs(out, kept))
         parent = layer.get_submodule(adapter.ffn_in[0].rpartition(".")[0])
         if hasattr(parent, "intermediate_size"):
             parent.intermediate_size = len(kept)

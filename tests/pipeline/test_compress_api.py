@@ -12,7 +12,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, BertForS
 
 from hf_compress import compress
 from hf_compress.evaluation.measure import size_breakdown
-from hf_compress.pipeline.compress import load_model
+from hf_compress.pipeline.loading import load_model
 from hf_compress.pipeline.presets import PRESETS, preset_configs
 from hf_compress.plugin import get_recipe
 from hf_compress.quantization import WeightQuantizationConfig
