@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-import onnx
 import pytest
 import torch
 from conftest import tiny_model
@@ -23,6 +22,8 @@ from hf_compress.pruning import FFNPruningConfig, HeadPruningConfig
 from hf_compress.quantization import WeightQuantizationConfig
 
 
+onnx = pytest.importorskip("onnx")  # the `onnx` extra
+pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.usefixtures("one_thread")
 # max |engine - PyTorch| / max(1, max |PyTorch|) on tiny models: ORT measured <= 1e-6; OpenVINO's CPU kernels
 # (its own GELU / softmax / MatMul over decompressed weights) measured up to 1.4e-4.
