@@ -121,6 +121,23 @@ def _asymmetric_subgraph(name, bits, q, scale, zero, group, transposed) -> tuple
     return nodes, inits
 
 
+def _bf16_storage(name: str, nodes: list, inits: list) -> tuple[list, list]:
+    """Store scales and zero offsets in bf16, as hf_compress does, widened to float32 by a ``Cast`` (exact; both
+    engines fold it into a constant on load): int4 g32 MiniLM's file is 17.2 MB with float32 ones, 14.4 with bf16."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    out_inits, casts = [], []
+    for init in inits:
+        if init.name in (f"{name}.scale", f"{name}.zero"):
+            values = torch.from_numpy(numpy_helper.to_array(init).copy()).to(torch.bfloat16)
+            raw = values.view(torch.int16).numpy().tobytes()
+            out_inits.append(helper.make_tensor(f"{init.name}.bf16", TensorProto.BFLOAT16, list(init.dims), raw, True))
+            casts.append(helper.make_node("Cast", [f"{init.name}.bf16"], [init.name], to=TensorProto.FLOAT))
+        else:
+            out_inits.append(init)
+    return casts + nodes, out_inits
+
+
 def compress_weights(graph, modules: dict[str, nn.Module]) -> dict[str, str]:
     """Replace the float initializers of quantized `modules` in `graph`; returns ``{initializer: module name}``.
 
@@ -144,6 +161,8 @@ def compress_weights(graph, modules: dict[str, nn.Module]) -> dict[str, str]:
         if key in wanted:
             module_name, transposed = wanted[key]
             nodes, inits = _weight_subgraph(init.name, modules[module_name], transposed)
+            if modules[module_name].state_dict()["weight_scale"].dtype == torch.bfloat16:
+                nodes, inits = _bf16_storage(init.name, nodes, inits)
             new_nodes += nodes
             keep += inits
             replaced[init.name] = module_name

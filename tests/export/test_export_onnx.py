@@ -172,3 +172,23 @@ def test_export_from_folder_copies_tokenizer(minilm_dir, tmp_path):
     assert (tmp_path / "out" / "tokenizer.json").is_file()
     assert "onnxruntime" in (tmp_path / "out" / "README.md").read_text()
     assert load_exported(folder).inputs == ["input_ids", "attention_mask", "token_type_ids"]
+
+
+@pytest.mark.parametrize("target", ["onnx", "openvino"])
+def test_bf16_scales_stored_as_bf16(target, tmp_path):
+    """Default configs keep bf16 scales: stored as BFLOAT16 + Cast, the graph equals the float32 view exactly."""
+    from hf_compress.export._common import float_view
+
+    if target == "openvino":
+        pytest.importorskip("openvino")
+    model = tiny_model("bert")
+    apply_compression(model, WeightQuantizationConfig(bits=4, group_size=16, compute_dtype="bfloat16"))
+    folder = export(model, to=target, output_dir=tmp_path / target)
+    if target == "onnx":
+        proto = onnx.load(f"{folder}/model.onnx")
+        assert any(i.data_type == onnx.TensorProto.BFLOAT16 for i in proto.graph.initializer)
+    inputs = _inputs(model)
+    expected = _reference(float_view(model), inputs)
+    got = load_exported(folder)(**inputs).last_hidden_state
+    mask = inputs["attention_mask"].bool()
+    assert (got - expected)[mask].abs().max() < TOL[target] * max(1.0, expected.abs().max().item())
