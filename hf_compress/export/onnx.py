@@ -6,9 +6,11 @@
 2. Each initializer holding the dequantized weight of a quantized module (found by content, so whatever name and
    layout, ``[out, in]`` or transposed, the exporter chose) is replaced by a standard opset-21 subgraph:
    ``DequantizeLinear(q, scale, axis, block_size=group)`` on our integers (``INT8``, or ``INT4`` packed two per
-   byte), plus, for asymmetric layers, our float zero offsets broadcast per group and added (``w = q * s + z``
-   exactly: ONNX zero points live in the integer domain, which cannot hold a float offset without rounding).
-   Scales and offsets are stored in float32, an exact widening of the bf16 ones.
+   byte). Asymmetric layers keep our float zero offsets exactly (ONNX zero points live in the integer domain,
+   which cannot hold a float offset without rounding): a weight only MatMuls read stays ``q * s`` and each MatMul
+   adds ``(x summed per group) @ z`` (so ONNX Runtime still fuses DequantizeLinear + MatMul: 4x faster than
+   dequantizing every call, measured on int4 MiniLM); other weights (embeddings) add ``z`` broadcast per group.
+   Scales and offsets are stored in their own dtype (bf16 by default), widened to float32 by a ``Cast``.
 
 The result runs in ONNX Runtime and converts to OpenVINO, which both recognise DequantizeLinear on constant
 integer weights as compressed weights.
@@ -65,8 +67,12 @@ def _digest(array: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
 
 
-def _weight_subgraph(name: str, module: nn.Module, transposed: bool) -> tuple[list, list]:
-    """Nodes and initializers computing the initializer `name` (``[out, in]``, or ``[in, out]`` if `transposed`)."""
+def _weight_subgraph(name: str, module: nn.Module, transposed: bool, correction: bool = False) -> tuple[list, list]:
+    """Nodes and initializers computing the initializer `name` (``[out, in]``, or ``[in, out]`` if `transposed`).
+
+    With `correction` (an asymmetric ``[in, out]`` weight that only MatMuls read), the subgraph is the symmetric
+    part ``q * s`` and ``{name}.zero`` (``[groups, out]``) is left for `_add_zero_corrections`.
+    """
     from onnx import helper, numpy_helper
 
     q, scale, zero = _integers(module)
@@ -77,9 +83,11 @@ def _weight_subgraph(name: str, module: nn.Module, transposed: bool) -> tuple[li
     if transposed:  # groups then run along axis 0
         q, scale, zero = q.T, scale.T, None if zero is None else zero.T
         axis = 0
-    if zero is not None:
+    if zero is not None and not correction:
         return _asymmetric_subgraph(name, module.bits, q, scale, zero, group, transposed)
     inits = [_int_tensor(f"{name}.q", q, module.bits)]
+    if zero is not None:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(zero), f"{name}.zero"))
     attrs: dict[str, Any] = {}
     if groups == 1:  # per output channel: the per-axis form, whose scale is 1-D along the output axis
         inits.append(numpy_helper.from_array(np.ascontiguousarray(scale.reshape(-1)), f"{name}.scale"))
@@ -152,7 +160,12 @@ def compress_weights(graph, modules: dict[str, nn.Module]) -> dict[str, str]:
         wanted[(weight.shape, _digest(weight))] = (name, False)
         wanted.setdefault((weight.T.shape, _digest(weight.T)), (name, True))
     shapes = {shape for shape, _ in wanted}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for position, value in enumerate(node.input):
+            readers.setdefault(value, []).append((node.op_type, position))
     replaced: dict[str, str] = {}
+    corrected: dict[str, tuple[int, int]] = {}
     new_nodes, keep = [], []
     for init in graph.initializer:
         key = None
@@ -160,7 +173,14 @@ def compress_weights(graph, modules: dict[str, nn.Module]) -> dict[str, str]:
             key = (tuple(init.dims), _digest(numpy_helper.to_array(init)))
         if key in wanted:
             module_name, transposed = wanted[key]
-            nodes, inits = _weight_subgraph(init.name, modules[module_name], transposed)
+            module = modules[module_name]
+            # x @ (q s + z) = x @ (q s) + (x summed per group) @ z: the weight stays a plain DequantizeLinear, which
+            # ONNX Runtime fuses with its MatMul (MatMulNBits for int4), instead of dequantizing every call.
+            correction = (transposed and not module.symmetric
+                          and all(r == ("MatMul", 1) for r in readers.get(init.name, [None])))  # fmt: skip
+            nodes, inits = _weight_subgraph(init.name, module, transposed, correction)
+            if correction:
+                corrected[init.name] = (module.in_features // module.group_size, module.group_size)
             if modules[module_name].state_dict()["weight_scale"].dtype == torch.bfloat16:
                 nodes, inits = _bf16_storage(init.name, nodes, inits)
             new_nodes += nodes
@@ -172,8 +192,34 @@ def compress_weights(graph, modules: dict[str, nn.Module]) -> dict[str, str]:
     graph.initializer.extend(keep)
     nodes = list(graph.node)
     del graph.node[:]
-    graph.node.extend(new_nodes + nodes)  # the weight subgraphs have constant inputs only: they go first
+    graph.node.extend(new_nodes + _add_zero_corrections(nodes, corrected))  # weight subgraphs: constants only, first
     return replaced
+
+
+def _add_zero_corrections(nodes: list, corrected: dict[str, tuple[int, int]]) -> list:
+    """After each MatMul reading a corrected weight: ``y += ReduceSum(reshape(x, [..., groups, group])) @ zero``."""
+    from onnx import helper
+
+    out = []
+    for node in nodes:
+        out.append(node)
+        if node.op_type != "MatMul" or node.input[1] not in corrected:
+            continue
+        groups, group = corrected[node.input[1]]
+        x, w, y = node.input[0], node.input[1], node.output[0]
+        p = f"{y}.zc"
+        node.output[0] = f"{p}.main"
+        out += [
+            helper.make_node("Constant", [], [f"{p}.gg"], value_ints=[groups, group]),
+            helper.make_node("Constant", [], [f"{p}.axes"], value_ints=[-1]),
+            helper.make_node("Shape", [x], [f"{p}.shape"], end=-1),
+            helper.make_node("Concat", [f"{p}.shape", f"{p}.gg"], [f"{p}.grouped_shape"], axis=0),
+            helper.make_node("Reshape", [x, f"{p}.grouped_shape"], [f"{p}.grouped"]),
+            helper.make_node("ReduceSum", [f"{p}.grouped", f"{p}.axes"], [f"{p}.sums"], keepdims=0),
+            helper.make_node("MatMul", [f"{p}.sums", f"{w}.zero"], [f"{p}.offset"]),
+            helper.make_node("Add", [f"{p}.main", f"{p}.offset"], [y]),
+        ]
+    return out
 
 
 def export_onnx(model: nn.Module, out: Path) -> dict[str, Any]:
