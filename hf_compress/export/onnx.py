@@ -146,7 +146,7 @@ def _bf16_storage(name: str, nodes: list, inits: list) -> tuple[list, list]:
     return casts + nodes, out_inits
 
 
-def compress_weights(graph, modules: dict[str, nn.Module]) -> dict[str, str]:
+def compress_weights(graph, modules: dict[str, nn.Module], zero_correction: bool = True) -> dict[str, str]:
     """Replace the float initializers of quantized `modules` in `graph`; returns ``{initializer: module name}``.
 
     Raises a `RuntimeError` naming the modules whose weight the exporter did not keep as one initializer (the
@@ -176,7 +176,7 @@ def compress_weights(graph, modules: dict[str, nn.Module]) -> dict[str, str]:
             module = modules[module_name]
             # x @ (q s + z) = x @ (q s) + (x summed per group) @ z: the weight stays a plain DequantizeLinear, which
             # ONNX Runtime fuses with its MatMul (MatMulNBits for int4), instead of dequantizing every call.
-            correction = (transposed and not module.symmetric
+            correction = (zero_correction and transposed and not module.symmetric
                           and all(r == ("MatMul", 1) for r in readers.get(init.name, [None])))  # fmt: skip
             nodes, inits = _weight_subgraph(init.name, module, transposed, correction)
             if correction:
@@ -222,8 +222,12 @@ def _add_zero_corrections(nodes: list, corrected: dict[str, tuple[int, int]]) ->
     return out
 
 
-def export_onnx(model: nn.Module, out: Path) -> dict[str, Any]:
-    """Write ``out/model.onnx`` for `model` (compressed or not); returns the manifest fields (inputs, output)."""
+def export_onnx(model: nn.Module, out: Path, zero_correction: bool = True) -> dict[str, Any]:
+    """Write ``out/model.onnx`` for `model` (compressed or not); returns the manifest fields (inputs, output).
+
+    `zero_correction`: apply asymmetric layers' zero offsets after their MatMuls (best for ONNX Runtime); without
+    it they are added to the dequantized weight per group, the form OpenVINO's compressed-weight kernels take.
+    """
     import onnx
 
     names = input_names(model)
@@ -241,7 +245,7 @@ def export_onnx(model: nn.Module, out: Path) -> dict[str, Any]:
     del view
     proto = onnx.load(str(path))
     modules = quantized_modules(model)
-    replaced = compress_weights(proto.graph, modules) if modules else {}
+    replaced = compress_weights(proto.graph, modules, zero_correction) if modules else {}
     _check_no_float_copies(proto.graph, model, replaced)
     for opset in proto.opset_import:
         if opset.domain in ("", "ai.onnx"):

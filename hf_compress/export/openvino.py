@@ -27,7 +27,9 @@ def export_openvino(model: nn.Module, out: Path) -> dict[str, Any]:
     import openvino as ov
 
     with tempfile.TemporaryDirectory() as tmp:
-        info = export_onnx(model, Path(tmp))
+        # zero offsets on the weight (Convert, Multiply, Add per group): the x-side correction that suits ONNX
+        # Runtime measured 1.6x slower in OpenVINO on int4 MiniLM (batch 32 x 128, engine defaults)
+        info = export_onnx(model, Path(tmp), zero_correction=False)
         converted = ov.convert_model(str(Path(tmp) / MODEL_FILE))
         ov.save_model(converted, str(out / XML_FILE), compress_to_fp16=False)
     return {**info, "model_files": [XML_FILE, BIN_FILE]}
