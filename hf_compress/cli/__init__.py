@@ -107,6 +107,7 @@ def _add_technique_options(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..config import __version__
+    from ..export import TARGETS as EXPORT_TARGETS
     from ..pipeline.presets import DEFAULT_PRESET, PRESETS
 
     parser = _Parser(
@@ -146,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Recovery distillation after pruning/factorization (default: as the preset says).")  # fmt: skip
     out.add_argument("--no-measure", action="store_true", help="Skip the before/after report (faster).")
     out.add_argument("--json", action="store_true", help="Print the report as JSON instead of a table.")
+    out.add_argument("--export", nargs="+", choices=EXPORT_TARGETS, metavar="TARGET",
+                     help=f"Also export the saved folder for these engines ({', '.join(EXPORT_TARGETS)}), each into "
+                     "<output-dir>-<target>.")  # fmt: skip
     _add_technique_options(c)
 
     i = sub.add_parser("inspect", help="Show the recipe and size breakdown of a compressed checkpoint.",
@@ -170,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="Create the repo as private.")
     p.add_argument("--message", help="Commit message.")
     _add_token_option(p)
+
+    x = sub.add_parser("export", help="Export a saved model for a deployment engine.",
+                       description="Export a folder (compressed by hf_compress, or a plain checkpoint) for ONNX "
+                       "Runtime, OpenVINO, compressed-tensors (vLLM / plain transformers) or as a plain transformers "
+                       "checkpoint (uniform, unquantized structures), with its tokenizer and a how-to-run README.")  # fmt: skip
+    x.add_argument("path", help="Folder written by `hf-compress compress` (or any from_pretrained folder).")
+    x.add_argument("--to", required=True, choices=EXPORT_TARGETS, help="The engine's format.")
+    x.add_argument("--output-dir", help="Where to write (default: <path>-<target>); new, empty or a previous export.")
+    x.add_argument("--overwrite", action="store_true",
+                   help="Allow a non-empty --output-dir; files the export does not write are kept.")
 
     k = sub.add_parser("card", help="Regenerate the model card and plots of a saved folder.",
                        description="Rewrite README.md and plots/ of a folder from its hf_compress_report.json "

@@ -129,13 +129,15 @@ def run_compress(args: argparse.Namespace, argv: list[str]) -> int:
         distill=args.distill, output_dir=output_dir, push_to_hub=args.push_to_hub, private=args.private,
         overwrite="source" if args.overwrite_source else args.overwrite, token=args.token,
         measure=not args.no_measure, progress=True, reproduce_command=reproduce_command(shown),
-        latency_rounds=args.latency_rounds,
+        latency_rounds=args.latency_rounds, export=args.export,
     )  # fmt: skip
     if result.report is not None:
         _print_report(result.report, args.json)
         if result.report.choice and not args.json:
             print(f"\nbudget: {result.report.choice['summary']}")
     print(f"\nsaved to {result.output_dir} (reload: import hf_compress; AutoModel.from_pretrained(...))")
+    for target, folder in result.exports.items():
+        print(f"exported for {target} to {folder}")
     if result.push is not None:
         _print_push(result.push)
     if result.report is not None and not args.json:
@@ -232,6 +234,16 @@ def run_push(args: argparse.Namespace, argv: list[str]) -> int:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; push a folder written by `hf-compress compress`.")
     _print_push(push_to_hub(folder, args.repo_id, private=args.private, commit_message=args.message, token=args.token))
+    return 0
+
+
+def run_export(args: argparse.Namespace, argv: list[str]) -> int:
+    from ..export import export
+
+    if not Path(args.path).is_dir():
+        raise FileNotFoundError(f"{args.path} is not a folder; export a folder written by `hf-compress compress`.")
+    output_dir = args.output_dir or f"{args.path.rstrip('/')}-{args.to}"
+    print(f"exported for {args.to} to {export(args.path, to=args.to, output_dir=output_dir, overwrite=args.overwrite)}")
     return 0
 
 

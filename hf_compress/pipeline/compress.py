@@ -39,6 +39,7 @@ class CompressionResult:
     output_dir: Path | None = None
     push: Any = None  # hf_compress.hub.PushResult
     configs: list[TechniqueConfig] = field(default_factory=list)
+    exports: dict[str, str] = field(default_factory=dict)  # target -> folder, for compress(..., export=...)
 
     def __repr__(self) -> str:
         where = f", saved to {self.output_dir}" if self.output_dir else ""
@@ -70,6 +71,7 @@ def compress(
     reproduce_command: str | None = None,
     progress: bool = False,
     latency_rounds: int = 3,
+    export: str | list[str] | None = None,
 ) -> CompressionResult:
     """Compress a model in one call: load, apply the techniques in canonical order, measure, save, push.
 
@@ -114,6 +116,9 @@ def compress(
         progress (`bool`, *optional*, defaults to `False`): show a progress bar over the stages (the CLI sets it).
         latency_rounds (`int`, *optional*, defaults to `3`): timed rounds (after one warm-up) of the latency
             measurement, each one forward pass of both models on 32 x 128 tokens; 0 skips it.
+        export (`str` or `list[str]`, *optional*): also export the saved folder for deployment engines
+            (`hf_compress.export.TARGETS`: ``onnx``, ``openvino``, ``compressed-tensors``, ``transformers``), each
+            into ``<output_dir>-<target>`` (needs `output_dir`); the folders are in ``result.exports``.
 
     Returns:
         `CompressionResult` with ``.model``, ``.report`` (print ``.report.to_text()``), ``.output_dir``, ``.push``.
@@ -147,10 +152,11 @@ def compress(
                                      card=card, private=private, progress=progress, max_eval_texts=max_eval_texts,
                                      latency_rounds=latency_rounds), structural)  # fmt: skip
 
+    exports = _export_targets(export, output_dir)
     if output_dir is not None:  # refuse a folder before the work, not after it
         check_output_dir(output_dir, overwrite, source_folders(model_or_id, tokenizer))
     stages = ["load", "compress", *(["measure"] if measure else []), *(["save"] if output_dir or push_to_hub else []),
-              *(["push"] if push_to_hub else [])]  # fmt: skip
+              *[f"export ({t})" for t in exports], *(["push"] if push_to_hub else [])]  # fmt: skip
     bar = _StageBar(stages, enabled=progress)
     try:
         bar.next("load")
@@ -198,6 +204,13 @@ def compress(
             result.output_dir = save_result(result, output_dir, base_name, repo_id=push_to_hub, card=card,
                                             reproduce_command=reproduce_command, overwrite=overwrite)  # fmt: skip
             seconds["save"] = time.perf_counter() - t
+        for target in exports:
+            from ..export import export as export_to
+
+            bar.next(f"export ({target})")
+            folder = f"{result.output_dir}-{target}"
+            result.exports[target] = export_to(result.output_dir, to=target, output_dir=folder,
+                                               overwrite=bool(overwrite), tokenizer=tokenizer)  # fmt: skip
         if push_to_hub:
             from ..hub import push_to_hub as push
 
@@ -235,6 +248,23 @@ class _StageBar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _export_targets(export: Any, output_dir: Any) -> list[str]:
+    """The export targets asked for, checked before any work (a typo must not cost a finished compression)."""
+    if export is None:
+        return []
+    from ..export import TARGETS
+
+    targets = [export] if isinstance(export, str) else export
+    if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+        raise TypeError(f"export must be a target name or a list of them, one of {list(TARGETS)}; got {export!r}.")
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise ValueError(f"export got unknown target(s) {unknown}; choose from {list(TARGETS)}.")
+    if targets and output_dir is None:
+        raise ValueError(f"export={export!r} writes next to the saved model: pass output_dir=... too.")
+    return list(dict.fromkeys(targets))
 
 
 def _apply(model, configs, calibration_data, original, distill, tokenizer) -> None:
