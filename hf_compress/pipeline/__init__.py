@@ -2,7 +2,8 @@
 `budget`), recover quality (`recovery`), check inputs (`checks`) and tie it together (`compress`).
 
 Only `apply` is imported with the package: techniques (e.g. `quantization.qat`) use `apply_compression`, and
-`compress` imports the techniques and the exporters, so loading it here too would close an import cycle.
+`compress` imports the techniques and the exporters, so loading it here too would close an import cycle. The other
+names load on first use.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from typing import Any
 from .apply import apply_compression
 
 
-__all__ = ["apply_compression", "compress", "CompressionResult", "recover"]
-
-_LAZY = {"compress": ".compress", "CompressionResult": ".compress", "recover": ".recovery"}
+# `compress` itself is `hf_compress.compress` (a submodule here has that name, so it is not re-exported).
+_LAZY = {"CompressionResult": ".compress", "recover": ".recovery"}
+__all__ = ["apply_compression", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
