@@ -34,8 +34,8 @@ _install_peft()
 
 # Public names that live in submodules with heavier imports, loaded on first access (PEP 562).
 _LAZY = {
-    "compress": ".pipeline",
-    "CompressionResult": ".pipeline",
+    "compress": ".pipeline.compress",
+    "CompressionResult": ".pipeline.compress",
     "CompressionReport": ".evaluation",
     "push_to_hub": ".hub",
     "save_compressed": ".hub",
