@@ -19,6 +19,7 @@ __all__ = [
     "Calibration",
     "calibration_batches",
     "input_moments",
+    "MomentCollector",
     "unwrap",
     "resolve_tokenizer",
     "usable_length",
@@ -74,46 +75,88 @@ def unwrap(data: Any, tokenizer: Any = None) -> tuple[Any, Any]:
     return data, tokenizer
 
 
+class MomentCollector:
+    """Sums ``x^T x`` of each module's input over the real tokens while it is active (``with collector:``).
+
+    The one padding-aware accumulator behind `input_moments` (a whole-model forward per batch) and the sequential
+    pipeline (`hf_compress.sequential`: one layer's forward per batch). Set `mask` to the batch's ``attention_mask``
+    before each forward: positions where it is 0 (padding) are left out of every 3-D ``[batch, seq, features]``
+    input. Modules fed the very same input tensor in a forward (q/k/v, gate/up) share one sum instead of computing
+    it again (`share=True`); `moments()` then returns the same tensor for each of them. ``float64=False`` sums
+    float32 products on the input's device (GPTQ's Hessians); ``float64=True`` adds each float32 product to a
+    float64 sum on the CPU (low-rank whitening).
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], *, float64: bool = False, share: bool = True) -> None:
+        self.modules = modules
+        self.float64 = float64
+        self.share = share
+        self.mask: torch.Tensor | None = None
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.aliases: dict[str, str] = {}  # module -> the module whose sum it shares
+        self._seen: list[tuple[torch.Tensor, str]] = []  # inputs of the current forward (identity, owner)
+        self._handles: list = []
+
+    def set_mask(self, mask: torch.Tensor | None) -> None:
+        """The ``attention_mask`` of the next forward (None: every position counts); starts a new forward."""
+        self.mask = mask.bool() if mask is not None else None
+        self._seen = []
+
+    def _record(self, name: str):
+        @torch.no_grad()
+        def record(module, args):
+            raw = args[0].detach()
+            if self.share:
+                owner = next((n for t, n in self._seen if t is raw), None)
+                if owner is not None and self.aliases.get(name, owner) == owner and name not in self.sums:
+                    self.aliases[name] = owner
+                    return
+                self._seen.append((raw, name))
+            x = raw
+            if self.mask is not None and x.dim() == 3 and x.shape[:2] == self.mask.shape:
+                x = x[self.mask]
+            x = x.reshape(-1, x.shape[-1]).float()
+            if name not in self.sums:
+                d = x.shape[1]
+                self.sums[name] = torch.zeros(d, d, dtype=torch.float64) if self.float64 else x.new_zeros(d, d)
+                self.counts[name] = 0
+            if self.float64:
+                self.sums[name] += (x.t() @ x).double().cpu()
+            else:
+                self.sums[name].addmm_(x.t(), x)
+            self.counts[name] += x.shape[0]
+
+        return record
+
+    def __enter__(self) -> MomentCollector:
+        self._handles = [m.register_forward_pre_hook(self._record(n)) for n, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._seen = []
+
+    def moments(self) -> dict[str, torch.Tensor]:
+        """``E[x x^T]`` per module (the sums divided by the real-token counts); modules never reached are missing."""
+        means = {name: total / max(self.counts[name], 1) for name, total in self.sums.items()}
+        means.update({name: means[owner] for name, owner in self.aliases.items() if owner in means})
+        return means
+
+
 @torch.no_grad()
 def input_moments(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable[dict[str, torch.Tensor]], *,
                   float64: bool = False) -> dict[str, torch.Tensor]:  # fmt: skip
     """``E[x x^T]`` of each module's input over the real tokens of `batches`: positions whose ``attention_mask`` is 0
-    (padding) are left out. One forward per batch. ``float64=False`` sums float32 products on the input's device
-    (GPTQ's Hessians); ``float64=True`` adds each float32 product to a float64 sum on the CPU (low-rank whitening).
-    Modules the forward passes never reach are missing from the result."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    state: dict[str, torch.Tensor | None] = {"mask": None}
-
-    def hook(name):
-        def record(module, args):
-            x = args[0].detach()
-            mask = state["mask"]
-            if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
-                x = x[mask]
-            x = x.reshape(-1, x.shape[-1]).float()
-            if name not in sums:
-                d = x.shape[1]
-                sums[name] = torch.zeros(d, d, dtype=torch.float64) if float64 else torch.zeros(d, d, device=x.device)
-                counts[name] = 0
-            if float64:
-                sums[name] += (x.t() @ x).double().cpu()
-            else:
-                sums[name].addmm_(x.t(), x)
-            counts[name] += x.shape[0]
-
-        return record
-
-    handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
-    try:
+    (padding) are left out. One forward per batch (see `MomentCollector`, which does the summing). Modules the
+    forward passes never reach are missing from the result."""
+    with MomentCollector(modules, float64=float64) as collector:
         for batch in batches:
-            mask = batch.get("attention_mask")
-            state["mask"] = mask.bool() if mask is not None else None
+            collector.set_mask(batch.get("attention_mask"))
             model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: total / max(counts[name], 1) for name, total in sums.items()}
+    return collector.moments()
 
 
 def resolve_tokenizer(model: Any, tokenizer: Any = None) -> Any:

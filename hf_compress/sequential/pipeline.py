@@ -1,0 +1,200 @@
+"""The layer-by-layer (sequential) calibration pipeline: memory of one layer plus the calibration activations.
+
+As in the GPTQ paper and llm-compressor's sequential pipeline: the calibration batches run through the embeddings
+only, and what the first layer receives is recorded (`capture.capture_inputs`). Then, for each layer in order: its
+weights are read (from the mmapped checkpoint: a model loaded by `from_pretrained` holds zero-copy views of its
+safetensors files, so a layer's float pages become resident only when it runs), the activations go through it
+while the technique's input statistics are collected (padding left out), the technique compresses it, the
+activations go through the *compressed* layer to become the next layer's inputs, and the layer's float pages are
+dropped. Finished layers can be moved to a mapped temporary file (`offload_layer`), activations spill to disk past a
+memory bound (`ActivationStore`). The modules after the layers (LM head, pooler) get their statistics from the last
+layer's outputs (`capture.run_tail`), embeddings are quantized last, calibration-free.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..architectures import get_adapter
+from ..calibration import Calibration, MomentCollector
+from ..config import CompressionConfig, TechniqueConfig, check_canonical_order
+from ..plugin import attach_recipe, get_recipe
+from ..validation import check_supported
+from .capture import capture_inputs, run_layer, run_tail
+from .offload import ActivationStore, offload_layer, release_weights
+from .steps import LayerStep, step_for
+
+
+__all__ = ["sequential_compress", "run_sequential", "available_memory", "needs_sequential"]
+
+# Without an explicit bound, activations may use this fraction of the memory available when the pipeline starts.
+_AUTO_ACTIVATION_FRACTION = 0.25
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation now (``MemAvailable`` on Linux, else free physical pages)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2**62  # unknown: assume it fits
+
+
+def _weights_bytes(model_or_path: Any) -> int:
+    if isinstance(model_or_path, nn.Module):
+        return sum(p.numel() * p.element_size() for p in model_or_path.parameters())
+    folder = Path(model_or_path)
+    files = [*folder.glob("*.safetensors"), *folder.glob("*.bin")] if folder.is_dir() else []
+    return sum(f.stat().st_size for f in files)
+
+
+def needs_sequential(model_or_path: Any, factor: float = 3.0) -> bool:
+    """Whether one-pass calibration would not fit: it holds the float model, a copy of it for measuring and every
+    layer's statistics at once (about `factor` times the weights), more than the memory available now. Only local
+    folders and model objects are sized (a Hub id is not downloaded to find out)."""
+    return _weights_bytes(model_or_path) * factor > available_memory()
+
+
+def sequential_compress(
+    model_or_path: Any,
+    config: TechniqueConfig,
+    calibration_data: Any,
+    *,
+    tokenizer: Any = None,
+    batch_size: int = 16,
+    max_samples: int | None = None,
+    max_activation_bytes: int | str | None = "auto",
+    offload_dir: str | os.PathLike | None = None,
+    offload_layers: bool | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Compress a model layer by layer with calibration data, in memory of about one layer plus the activations.
+
+    Args:
+        model_or_path (`PreTrainedModel`, `str` or `os.PathLike`): a model (compressed in place) or a local folder,
+            loaded with its own class; its weights are read from the mmapped checkpoint one layer at a time.
+        config (`TechniqueConfig`): the technique; today `WeightQuantizationConfig` with ``algorithm="gptq"``
+            (or ``"auto"``).
+        calibration_data: texts, a `datasets.Dataset`, token batches or a `Calibration`.
+        tokenizer (*optional*): tokenizes texts (default: the one saved with the model).
+        batch_size (`int`, defaults to 16): calibration texts per forward.
+        max_samples (`int`, *optional*): calibration texts used (default: the config's ``calibration_samples``).
+        max_activation_bytes (`int`, ``"auto"`` or None): memory bound of the stored activations, spilled to a
+            temporary folder past it (``0``: always on disk; None: no bound; ``"auto"``: a quarter of the memory
+            available at the start).
+        offload_dir (*optional*): where temporary files go (default: the system temp dir); all are removed.
+        offload_layers (`bool`, *optional*): move each finished layer to a mapped temporary file, so the compressed
+            model does not stay resident either (default: True for a folder, False for a model object).
+        device (*optional*): run each layer there (e.g. ``"cuda"``), moving it back afterwards.
+        progress (`bool`, defaults to True): a progress bar over the layers.
+
+    Returns:
+        The compressed model; ``model.config.quantization_config`` holds the recipe, as after `apply_compression`,
+        so ``save_pretrained`` writes the same checkpoint format.
+
+    ```py
+    >>> from hf_compress.sequential import sequential_compress
+    >>> from hf_compress.quantization import WeightQuantizationConfig
+    >>> model = sequential_compress("llama-fp32/", WeightQuantizationConfig(bits=4, algorithm="gptq"), texts)
+    >>> model.save_pretrained("llama-int4")
+    ```
+    """
+    from_folder = isinstance(model_or_path, (str, os.PathLike))
+    if from_folder:
+        from ..pipeline.loading import load_model
+
+        model, loaded_tokenizer, _ = load_model(model_or_path, supported_only=True)
+        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+    elif isinstance(model_or_path, nn.Module):
+        model = model_or_path
+    else:
+        raise TypeError(f"sequential_compress takes a model or a local folder, got {type(model_or_path).__name__}.")
+    if not isinstance(config, TechniqueConfig):
+        raise TypeError(f"Expected a technique config such as WeightQuantizationConfig(...), got {type(config).__name__}.")
+    calibration = Calibration.of(calibration_data, tokenizer)
+    if calibration is None:
+        raise ValueError(
+            "Sequential calibration needs calibration_data: a list of texts, a datasets.Dataset or token batches."
+        )
+    check_supported(model)
+    previous = get_recipe(model)
+    done = list(previous.techniques) if previous is not None else []
+    check_canonical_order([*done, config])
+    step = step_for(config)
+    samples = max_samples if max_samples is not None else getattr(config, "calibration_samples", None)
+    resolved = run_sequential(
+        model, step, calibration, batch_size=batch_size, max_samples=samples,
+        max_activation_bytes=max_activation_bytes, offload_dir=offload_dir,
+        offload_layers=from_folder if offload_layers is None else offload_layers, device=device, progress=progress,
+    )  # fmt: skip
+    attn = previous.attn_implementation if previous is not None else None
+    attach_recipe(model, CompressionConfig([*done, resolved], attn_implementation=attn))
+    return model
+
+
+def _bound(value: int | str | None) -> int | None:
+    if value == "auto":
+        return int(available_memory() * _AUTO_ACTIVATION_FRACTION)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"max_activation_bytes must be 'auto', None or an integer >= 0, got {value!r}.")
+    return value
+
+
+@torch.no_grad()
+def run_sequential(model: nn.Module, step: LayerStep, calibration: Calibration, *, batch_size: int = 16,
+                   max_samples: int | None = None, max_activation_bytes: int | str | None = "auto",
+                   offload_dir: str | os.PathLike | None = None, offload_layers: bool = False,
+                   device: torch.device | str | None = None, progress: bool = True) -> TechniqueConfig:  # fmt: skip
+    """Run `step` over `model` layer by layer (see the module docstring); returns the step's resolved config."""
+    from tqdm.auto import tqdm
+
+    adapter = get_adapter(model)
+    layers = adapter.layer_modules(model)
+    device = torch.device(device) if device is not None else None
+    model.eval()
+    step.prepare(model)
+    store = ActivationStore(_bound(max_activation_bytes), offload_dir)
+    try:
+        batches = list(calibration.batches(model, batch_size=batch_size, max_samples=max_samples))
+        inputs = capture_inputs(model, layers, batches, store)
+        home = store[0].device
+        for index in tqdm(range(len(layers)), desc="sequential calibration", unit="layer", disable=not progress):
+            prefix, layer = adapter.layer_prefix(model, index), layers[index]
+            where = next((p.device for p in layer.parameters()), None)
+            if device is not None:
+                layer.to(device)
+            with MomentCollector(step.layer_modules(model, prefix, layer), float64=step.float64) as collector:
+                for b, batch in enumerate(inputs):
+                    collector.set_mask(None if batch.mask is None else batch.mask.to(device or batch.mask.device))
+                    run_layer(layer, store[b], *batch.layer_args[index], device)
+            released = step.compress_layer(model, prefix, collector.moments())
+            del collector
+            for b, batch in enumerate(inputs):  # the next layer's inputs: this layer's outputs, as compressed
+                store[b] = run_layer(layer, store[b], *batch.layer_args[index], device).to(home)
+            release_weights(released)
+            del released
+            if device is not None and where is not None:
+                layer.to(where)
+            if offload_layers:
+                offload_layer(layer, offload_dir)
+        tail = step.tail_modules(model)
+        moments: dict[str, torch.Tensor] = {}
+        if tail:
+            with MomentCollector(tail, float64=step.float64) as collector:
+                run_tail(model, layers, batches, store, tail, lambda batch: collector.set_mask(batch.get("attention_mask")))
+            moments = collector.moments()
+        return step.finish(model, moments)
+    finally:
+        store.close()
