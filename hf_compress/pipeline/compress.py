@@ -17,6 +17,7 @@ from ..evaluation.report import CompressionReport
 from ..hub.card import RECIPE_REFERENCE, REPORT_FILE, REQUEST_FILE
 from ..hub.saving import check_output_dir, save_compressed, source_folders
 from ..registry import get_technique
+from ..sequential import choose_sequential, sequential_compress
 from ..validation import texts_of
 from .apply import apply_compression
 from .checks import check_compress_args, check_one_source, recipe_configs
@@ -72,6 +73,7 @@ def compress(
     progress: bool = False,
     latency_rounds: int = 3,
     export: str | list[str] | None = None,
+    sequential: bool | None = None,
 ) -> CompressionResult:
     """Compress a model in one call: load, apply the techniques in canonical order, measure, save, push.
 
@@ -119,6 +121,7 @@ def compress(
         export (`str` or `list[str]`, *optional*): also export the saved folder for deployment engines
             (`hf_compress.export.TARGETS`: ``onnx``, ``openvino``, ``compressed-tensors``, ``transformers``), each
             into ``<output_dir>-<target>`` (needs `output_dir`); the folders are in ``result.exports``.
+        sequential (`bool`, *optional*): GPTQ layer by layer in bounded memory (default: if one pass would not fit).
 
     Returns:
         `CompressionResult` with ``.model``, ``.report`` (print ``.report.to_text()``), ``.output_dir``, ``.push``.
@@ -153,6 +156,7 @@ def compress(
                                      latency_rounds=latency_rounds), structural)  # fmt: skip
 
     exports = _export_targets(export, output_dir)
+    sequential = choose_sequential(sequential, model_or_id, configs, calibration_data)
     if output_dir is not None:  # refuse a folder before the work, not after it
         check_output_dir(output_dir, overwrite, source_folders(model_or_id, tokenizer))
     stages = ["load", "compress", *(["measure"] if measure else []), *(["save"] if output_dir or push_to_hub else []),
@@ -165,7 +169,9 @@ def compress(
         if distill and structural and budget is None and tokenizer is None:
             raise ValueError("Recovery distillation needs the model's tokenizer: pass tokenizer=... to compress().")
         seconds["load"] = time.perf_counter() - start
-        original = copy.deepcopy(model) if (measure or distill or budget is not None) else None
+        lazy = sequential and isinstance(model_or_id, (str, os.PathLike))  # measure on a second (mmapped) load
+        original = copy.deepcopy(model) if (measure or distill or budget is not None) and not lazy else None
+        original = load_model(model_or_id, auto_class=auto_class)[0] if lazy and measure else original
         texts_from = "eval_data" if eval_data is not None else "calibration_data"
         eval_texts = texts_of(eval_data if eval_data is not None else calibration_data, forms[texts_from])
         eval_texts = eval_texts[:max_eval_texts] if eval_texts else None
@@ -180,7 +186,7 @@ def compress(
                                             tokenizer=tokenizer, original=original)  # fmt: skip
             _apply(model, list(configs), calibration_data, original, False, tokenizer)
         else:
-            _apply(model, list(configs), calibration_data, original, distill, tokenizer)
+            _apply(model, list(configs), calibration_data, original, distill, tokenizer, sequential=sequential)
         seconds["compress"] = time.perf_counter() - t
 
         report = None
@@ -267,7 +273,7 @@ def _export_targets(export: Any, output_dir: Any) -> list[str]:
     return list(dict.fromkeys(targets))
 
 
-def _apply(model, configs, calibration_data, original, distill, tokenizer) -> None:
+def _apply(model, configs, calibration_data, original, distill, tokenizer, sequential=False) -> None:
     """Structure first, then recovery distillation, then quantization (the canonical order)."""
     structural = [c for c in configs if get_technique(c.method).stage != "quantize"]
     quantize = [c for c in configs if get_technique(c.method).stage == "quantize"]
@@ -281,7 +287,10 @@ def _apply(model, configs, calibration_data, original, distill, tokenizer) -> No
 
             kwargs = distill if isinstance(distill, dict) else {}
             recover(model, original, calibration_data, tokenizer=tokenizer, **kwargs)
-    if quantize:
+    if quantize and sequential:
+        for config in quantize:
+            sequential_compress(model, config, calibration_data, tokenizer=tokenizer)
+    elif quantize:
         apply_compression(model, *quantize, calibration_data=calibration_data, tokenizer=tokenizer)
 
 

@@ -9,7 +9,7 @@ calibration would not fit in memory). A technique joins the pipeline through a `
 from __future__ import annotations
 
 from .offload import ActivationStore
-from .pipeline import available_memory, needs_sequential, run_sequential, sequential_compress
+from .pipeline import available_memory, choose_sequential, needs_sequential, run_sequential, sequential_compress
 from .steps import GPTQStep, LayerStep, step_for
 
 
@@ -17,6 +17,7 @@ __all__ = [
     "sequential_compress",
     "run_sequential",
     "needs_sequential",
+    "choose_sequential",
     "available_memory",
     "LayerStep",
     "GPTQStep",

@@ -13,6 +13,7 @@ layer's outputs (`capture.run_tail`), embeddings are quantized last, calibration
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,9 @@ from .offload import ActivationStore, offload_layer, release_weights
 from .steps import LayerStep, step_for
 
 
-__all__ = ["sequential_compress", "run_sequential", "available_memory", "needs_sequential"]
+__all__ = ["sequential_compress", "run_sequential", "available_memory", "needs_sequential", "choose_sequential"]
+
+logger = logging.getLogger(__name__)
 
 # Without an explicit bound, activations may use this fraction of the memory available when the pipeline starts.
 _AUTO_ACTIVATION_FRACTION = 0.25
@@ -198,3 +201,25 @@ def run_sequential(model: nn.Module, step: LayerStep, calibration: Calibration, 
         return step.finish(model, moments)
     finally:
         store.close()
+
+
+def choose_sequential(sequential: bool | None, model_or_path: Any, configs: Any, calibration_data: Any) -> bool:
+    """`compress`'s choice: layer by layer when asked (``True``, checked), or, by default (``None``), when GPTQ with
+    calibration data would not fit in memory in one pass (`needs_sequential`; a Hub id is not sized)."""
+    from ..quantization import WeightQuantizationConfig
+
+    if sequential is not None and not isinstance(sequential, bool):
+        raise TypeError(f"sequential must be True, False or None (decide by memory), got {sequential!r}.")
+    gptq = [c for c in configs if isinstance(c, WeightQuantizationConfig) and c.algorithm in ("gptq", "auto")]
+    if sequential:
+        if calibration_data is None or not gptq:
+            raise ValueError(
+                "sequential=True calibrates GPTQ layer by layer: it needs WeightQuantizationConfig(algorithm='gptq') "
+                "among the configs, and calibration_data=texts."
+            )
+        return True
+    sized = not isinstance(model_or_path, (str, os.PathLike)) or os.path.isdir(model_or_path)
+    if sequential is None and gptq and calibration_data is not None and sized and needs_sequential(model_or_path):
+        logger.warning("One-pass calibration would not fit in memory: calibrating layer by layer (sequential=True).")
+        return True
+    return False
