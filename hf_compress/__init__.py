@@ -54,6 +54,7 @@ _LAZY = {
     "DistillationTrainer": ".distillation",
     "make_student": ".distillation",
     "recover": ".pipeline",
+    "sequential_compress": ".sequential",
 }
 
 __all__ = [

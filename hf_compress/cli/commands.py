@@ -129,7 +129,7 @@ def run_compress(args: argparse.Namespace, argv: list[str]) -> int:
         distill=args.distill, output_dir=output_dir, push_to_hub=args.push_to_hub, private=args.private,
         overwrite="source" if args.overwrite_source else args.overwrite, token=args.token,
         measure=not args.no_measure, progress=True, reproduce_command=reproduce_command(shown),
-        latency_rounds=args.latency_rounds, export=args.export,
+        latency_rounds=args.latency_rounds, export=args.export, sequential=args.sequential,
     )  # fmt: skip
     if result.report is not None:
         _print_report(result.report, args.json)
