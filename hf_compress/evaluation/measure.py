@@ -36,6 +36,8 @@ __all__ = [
     "embedding_fidelity",
     "task_metrics",
     "load_metric",
+    "latency_batch",
+    "sentence_embeddings",
 ]
 
 METRICS_DIR = Path(__file__).parent / "metrics"
@@ -226,7 +228,7 @@ def measure_report(original, model, tokenizer, base_name, eval_texts, task_data=
         before=size_breakdown(original),
         after=size_breakdown(model),
     )
-    batch = _latency_batch(model, tokenizer, eval_texts) if latency_rounds > 0 else None
+    batch = latency_batch(model, tokenizer, eval_texts) if latency_rounds > 0 else None
     if batch is not None:
         report.latency = latency_ratio(original, model, batch, rounds=latency_rounds)
     if eval_texts and tokenizer is not None:
@@ -237,7 +239,7 @@ def measure_report(original, model, tokenizer, base_name, eval_texts, task_data=
     return report
 
 
-def _latency_batch(model, tokenizer, texts, batch_size: int = 32, length: int = 128):
+def latency_batch(model, tokenizer, texts, batch_size: int = 32, length: int = 128):
     """32 x 128 tokens (real text repeated when given, random ids otherwise), as the benchmarks use; fewer tokens
     for a model with fewer positions (`usable_length`)."""
     config = model.config.get_text_config()

@@ -24,7 +24,8 @@ class CompressionReport:
     fidelity: dict[str, Any] | None = None  # {"cosine_mean", "cosine_p5", "cosine_min", "texts"}
     task: dict[str, Any] | None = None  # {"metric", "before": {...}, "after": {...}, "mode", "examples"}
     checkpoint_bytes: int | None = None
-    choice: dict[str, Any] | None = None  # budget mode: what was chosen and why
+    choice: dict[str, Any] | None = None  # budget mode: what was chosen and why, every measured candidate
+    recovery: dict[str, Any] | None = None  # recovery distillation: its budget, steps, seconds, held-out cosine
     seconds: dict[str, float] = field(default_factory=dict)
     card_info: dict[str, Any] = field(default_factory=dict)  # repo id and reproduce command the card was made with
 
@@ -56,6 +57,14 @@ class CompressionReport:
             fid = self.fidelity
             rows.append((f"cosine to original ({fid['texts']} texts)", "1.0000", f"{fid['cosine_mean']:.4f}",
                          f"p5 {fid['cosine_p5']:.4f}"))  # fmt: skip
+        if self.recovery:
+            rec = self.recovery
+            budget = " / ".join(x for x in (f"{rec['max_seconds']:g} s" if rec.get("max_seconds") else "",
+                                            f"{rec['max_steps']} steps" if rec.get("max_steps") else "") if x)
+            before, after = rec.get("held_out_cosine_before"), rec.get("held_out_cosine_after")
+            rows.append((f"recovery ({budget} budget: {rec['steps']} steps, {rec['seconds']:.0f} s)",
+                         _num(before), _num(after), "held-out cosine" + ("" if rec.get("kept_trained", True)
+                                                                          else ", not kept")))  # fmt: skip
         if self.task:
             for key, after in self.task["after"].items():
                 before = self.task["before"].get(key)

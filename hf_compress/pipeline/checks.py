@@ -45,6 +45,17 @@ def check_compress_args(args: dict[str, Any], structural: bool) -> dict[str, str
         from .budget import parse_budget
 
         parse_budget(budget, 10**12)  # the format only; the target depends on the model
+    if args.get("latency") is not None:
+        from .budget import parse_latency
+
+        parse_latency(args["latency"])
+        if budget is None:
+            raise ValueError(
+                f"latency={args['latency']!r} is a target of budget mode: give a size target too, e.g. "
+                "budget='10x', latency='0.5x' (--budget 10x --latency 0.5x)."
+            )
+        if args["latency_rounds"] == 0:
+            raise ValueError("latency=... is measured: latency_rounds must be >= 1 with a latency target, got 0.")
     check_number("max_eval_texts", args["max_eval_texts"], low=1, integer=True)
     check_number("latency_rounds", args["latency_rounds"], low=0, integer=True,
                  hint=" latency_rounds=0 skips the latency measurement.")  # fmt: skip
@@ -76,7 +87,7 @@ def check_compress_args(args: dict[str, Any], structural: bool) -> dict[str, str
             f"distill must be True, False, None (as the preset says) or a dict of recover() options such as "
             f"{{'max_steps': 200}}; got {describe(distill)}."
         )
-    if distill and structural and budget is None:
+    if distill and (structural or budget is not None):
         if isinstance(distill, dict):
             _check_distill_options(distill)
         if forms["calibration_data"] in (None, "batches"):

@@ -54,6 +54,7 @@ def compress(
     recipe: CompressionConfig | list | str | os.PathLike | None = None,
     preset: str | None = None,
     budget: float | str | None = None,
+    latency: float | str | None = None,
     calibration_data: Any = None,
     eval_data: Any = None,
     task_data: Any = None,
@@ -92,7 +93,11 @@ def compress(
         preset (`str`, *optional*): one of `hf_compress.pipeline.presets.PRESETS` (``int8``, ``int4``, ``distil``, ``max``).
         budget (`float` or `str`, *optional*): a target size: megabytes (``12`` or ``"12MB"``) or a reduction
             factor (``"10x"``). Searches settings that fit with the best measured fidelity (needs calibration data;
-            see `hf_compress.pipeline.budget`).
+            see `hf_compress.pipeline.budget`). Recovery distillation runs after its structural steps by default.
+        latency (`float` or `str`, *optional*): with `budget`, a speed target as a ratio to the original's latency
+            (``"0.5x"``), measured on this machine in the same run on the model's own shapes. The search then also
+            tries fewer layers (the result is then a new model object) and int8 activations, and fails with the
+            best candidates found when no setting meets both targets.
         calibration_data (`list[str]` or `datasets.Dataset`, *optional*): text for data-aware techniques; also the
             fidelity texts when `eval_data` is not given.
         eval_data (`list[str]` or `datasets.Dataset`, *optional*): texts for the fidelity measurement.
@@ -101,7 +106,9 @@ def compress(
         metric (`str`, *optional*, defaults to `"accuracy"`): an `evaluate` metric: one shipped with hf_compress
             (``accuracy``, ``embedding_fidelity``), a path to a metric script, or a Hub metric name when online.
         distill (`bool` or `dict`, *optional*): recovery distillation after the structural techniques; a dict is
-            passed to the distillation recipe as keyword arguments. Defaults to what the preset says.
+            passed to `hf_compress.pipeline.recovery.recover` (e.g. ``{"max_seconds": 300}``). Defaults to what the
+            preset says; in budget mode to `DEFAULT_RECOVERY` (a wall-clock budget). Its data are the calibration
+            texts plus the labeled `task_data` (4 of 5 rows; the fifth is held out for the report's task metric).
         output_dir (`str` or `os.PathLike`, *optional*): save the model, tokenizer, report, card and plots here
             (atomically: a failure never leaves a half-written folder). It must be missing or empty unless
             `overwrite` allows more (checked before compressing); a symlink is followed.
@@ -149,7 +156,7 @@ def compress(
         if not isinstance(config, TechniqueConfig):
             raise TypeError(f"Expected technique configs such as HeadPruningConfig(...), got {type(config).__name__}.")
     structural = any(get_technique(c.method).stage != "quantize" for c in configs)
-    forms = check_compress_args(dict(preset=preset, budget=budget, calibration_data=calibration_data,
+    forms = check_compress_args(dict(preset=preset, budget=budget, latency=latency, calibration_data=calibration_data,
                                      eval_data=eval_data, task_data=task_data, metric=metric, distill=distill,
                                      output_dir=output_dir, push_to_hub=push_to_hub, token=token, measure=measure,
                                      card=card, private=private, progress=progress, max_eval_texts=max_eval_texts,
@@ -175,27 +182,34 @@ def compress(
         texts_from = "eval_data" if eval_data is not None else "calibration_data"
         eval_texts = texts_of(eval_data if eval_data is not None else calibration_data, forms[texts_from])
         eval_texts = eval_texts[:max_eval_texts] if eval_texts else None
-        choice = None
+        choice = recovery = None
+        train_rows, report_rows = None, task_data
+        if task_data is not None and (budget is not None or (distill and structural)):
+            from .recovery import split_task_rows
+
+            train_rows, report_rows = split_task_rows(task_data)
 
         t = time.perf_counter()
         bar.next("compress (budget search)" if budget is not None else "compress")
         if budget is not None:
-            from .budget import search_budget
+            from .budget.run import run_budget
 
-            configs, choice = search_budget(model, budget, calibration_data=calibration_data, eval_texts=eval_texts,
-                                            tokenizer=tokenizer, original=original)  # fmt: skip
-            _apply(model, list(configs), calibration_data, original, False, tokenizer)
+            model, configs, choice, recovery = run_budget(
+                model, original, budget, latency=latency, distill=distill, calibration_data=calibration_data,
+                eval_texts=eval_texts, task_rows=train_rows, tokenizer=tokenizer, latency_rounds=latency_rounds)
         else:
-            _apply(model, list(configs), calibration_data, original, distill, tokenizer, sequential=sequential)
+            recovery = _apply(model, list(configs), calibration_data, original, distill, tokenizer, train_rows, sequential)
         seconds["compress"] = time.perf_counter() - t
 
         report = None
         if measure:
             t = time.perf_counter()
             bar.next("measure")
-            report = measure_report(original, model, tokenizer, base_name, eval_texts, task_data, metric,
+            report = measure_report(original, model, tokenizer, base_name, eval_texts, report_rows, metric,
                                     latency_rounds=latency_rounds)  # fmt: skip
-            report.choice = choice
+            report.choice, report.recovery = choice, recovery
+            if report.task is not None and train_rows is not None:
+                report.task["held_out"] = "every 5th row of task_data (the others trained the search and recovery)"
             seconds["measure"] = time.perf_counter() - t
         del original
 
@@ -273,8 +287,10 @@ def _export_targets(export: Any, output_dir: Any) -> list[str]:
     return list(dict.fromkeys(targets))
 
 
-def _apply(model, configs, calibration_data, original, distill, tokenizer, sequential=False) -> None:
-    """Structure first, then recovery distillation, then quantization (the canonical order)."""
+def _apply(model, configs, calibration_data, original, distill, tokenizer, task_rows=None,
+           sequential=False) -> dict | None:
+    """Structure first, then recovery distillation, then quantization (the canonical order); returns what
+    recovery ran (None without it)."""
     structural = [c for c in configs if get_technique(c.method).stage != "quantize"]
     quantize = [c for c in configs if get_technique(c.method).stage == "quantize"]
     if structural:
@@ -285,13 +301,15 @@ def _apply(model, configs, calibration_data, original, distill, tokenizer, seque
         else:
             from .recovery import recover  # heavy (Trainer): imported only when asked for
 
-            kwargs = distill if isinstance(distill, dict) else {}
-            recover(model, original, calibration_data, tokenizer=tokenizer, **kwargs)
+            kwargs, stats = (distill if isinstance(distill, dict) else {}), {}
+            recover(model, original, calibration_data, tokenizer=tokenizer, labeled_rows=task_rows, stats=stats,
+                    **kwargs)  # fmt: skip
     if quantize and sequential:
         for config in quantize:
             sequential_compress(model, config, calibration_data, tokenizer=tokenizer)
     elif quantize:
         apply_compression(model, *quantize, calibration_data=calibration_data, tokenizer=tokenizer)
+    return stats if distill and structural else None
 
 
 def save_result(result: CompressionResult, output_dir, base_name: str, repo_id: str | None = None, card: bool = True,

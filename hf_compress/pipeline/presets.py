@@ -9,7 +9,7 @@ to be installed, and the error for a missing one names it.
 | ``int8`` (default) | 8-bit weights everywhere, embeddings included, calibration-free scales | near-lossless, about 4x smaller |
 | ``int4`` | 4-bit weights in groups of 32, with zero points | about 6x smaller, small quality loss |
 | ``distil`` | 1/3 of heads pruned, embeddings factorized to 34 % of their parameters (rank 128 on MiniLM), recovery distillation, then int8 | smaller and faster, recovered |
-| ``max`` | 1/2 of heads and FFN neurons pruned, embeddings as in ``distil``, int4 | the smallest model |
+| ``max`` | 1/2 of heads and FFN neurons pruned, embeddings as in ``distil``, recovery distillation (180 s), int4 | the smallest model |
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ __all__ = ["PRESETS", "DEFAULT_PRESET", "Preset", "preset_configs"]
 class Preset:
     description: str
     techniques: tuple[tuple[str, dict[str, Any]], ...]
-    distill: bool = False
+    distill: bool | dict[str, Any] = False  # True: recover()'s defaults; a dict: its options
 
 
 PRESETS: dict[str, Preset] = {
@@ -45,10 +45,11 @@ PRESETS: dict[str, Preset] = {
         distill=True,
     ),
     "max": Preset(
-        "1/2 of attention heads and FFN neurons pruned, embeddings factorized as in distil, 4-bit weights: the "
-        "smallest model (add distillation to recover quality).",
+        "1/2 of attention heads and FFN neurons pruned, embeddings factorized as in distil, recovery distillation "
+        "from the original (180 s wall clock), 4-bit weights: the smallest model.",
         (("head_pruning", {"fraction": 0.5}), ("ffn_pruning", {"fraction": 0.5, "round_to": 64}),
          ("embedding_factorization", {"param_budget": 0.34}), ("weight_quantization", {"bits": 4})),
+        distill={"max_seconds": 180.0},
     ),
 }  # fmt: skip
 DEFAULT_PRESET = "int8"
@@ -65,7 +66,7 @@ def build_config(method: str, **kwargs: Any) -> TechniqueConfig:
     return get_technique(method).config_cls(**kwargs)
 
 
-def preset_configs(name: str) -> tuple[list[TechniqueConfig], bool]:
+def preset_configs(name: str) -> tuple[list[TechniqueConfig], bool | dict[str, Any]]:
     """The technique configs of preset `name` and whether it asks for recovery distillation."""
     if not isinstance(name, str):
         from ..validation import WrongTypeError

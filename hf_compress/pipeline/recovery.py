@@ -32,9 +32,12 @@ from ..calibration import usable_length
 from ..validation import check_bool, check_number, data_form, texts_of
 
 
-__all__ = ["recover", "trainable_parameters", "TRAIN_CHOICES"]
+__all__ = ["recover", "trainable_parameters", "TRAIN_CHOICES", "DEFAULT_RECOVERY", "split_task_rows"]
 
 TRAIN_CHOICES = ("auto", "all", "factors")
+# Recovery in budget mode and preset `max` when `distill` is not given: a wall-clock budget, so it costs the same
+# minutes on any model; the report states it and what it bought (held-out cosine before and after).
+DEFAULT_RECOVERY = {"max_seconds": 180.0}
 _FACTORIZATION = ("embedding_factorization", "low_rank_linear")
 # Adam learning rates per choice: the factors start from a (balanced) SVD and move far, the whole network little.
 _DEFAULT_LR = {"factors": 1.5e-3, "all": 5e-5}
@@ -148,7 +151,8 @@ def _budget_callback(schedule: _Schedule):
 def recover(student: nn.Module, teacher: nn.Module, texts: Any, *, tokenizer: Any, max_steps: int | None = None,
             max_seconds: float | None = None, learning_rate: float | None = None, train: str = "auto",
             batch_size: int = 16, max_length: int = 128, warmup: float = 0.1, dropout: bool = False,
-            keep_better: bool = True, callbacks: list | None = None, **kwargs: Any) -> nn.Module:  # fmt: skip
+            keep_better: bool = True, callbacks: list | None = None, labeled_rows: list[dict] | None = None,
+            stats: dict | None = None, **kwargs: Any) -> nn.Module:  # fmt: skip
     """Distil `teacher` into `student` (in place) on unlabeled `texts`; returns `student` in eval mode.
 
     Args:
@@ -170,6 +174,12 @@ def recover(student: nn.Module, teacher: nn.Module, texts: Any, *, tokenizer: An
             training; if training made it worse (a short budget on a model that was already near-lossless), the
             trained weights are put back as they were and a warning says so. Needs at least 20 texts.
         callbacks (`list[TrainerCallback]`, *optional*): extra `Trainer` callbacks (progress, logging).
+        labeled_rows (`list[dict]`, *optional*): task rows (``text``, ``label``) trained on too. With a task head
+            the loss then adds the task loss on labels (``alpha_task=0.5``) to the teacher's soft targets
+            (``alpha_kl=1``, ``temperature=2``); the unlabeled texts take the teacher's predicted class as label.
+            Without a task head their texts join the unlabeled ones.
+        stats (`dict`, *optional*): filled with what ran: budget, steps, seconds, texts, held-out cosine before and
+            after (the report's ``recovery`` entry).
         **kwargs: go to `DistillationArguments` (e.g. ``alpha_mse=1.0``, ``alpha_cos=0.0``, ``seed``).
     """
     import datasets
@@ -202,17 +212,30 @@ def recover(student: nn.Module, teacher: nn.Module, texts: Any, *, tokenizer: An
     learning_rate = _DEFAULT_LR[train] if learning_rate is None else learning_rate
     rows = texts_of(texts, data_form("calibration_data", texts, batches=False))  # recovery trains on texts
     max_length = usable_length(student, tokenizer, max_length)  # a model with 64 positions takes 64 tokens
+    has_logits = hasattr(student, "classifier") or hasattr(student, "lm_head")
+    labels = None
+    if labeled_rows:
+        task_texts = [r["text"] for r in labeled_rows]
+        if has_logits and hasattr(student, "classifier"):
+            pseudo = _teacher_labels(teacher, tokenizer, rows, max_length)
+            labels = pseudo + [int(r["label"]) for r in labeled_rows]
+            kwargs = {"alpha_task": 0.5, "temperature": 2.0, **kwargs}
+        rows = rows + task_texts
     held_out: list[str] = []
     if keep_better and len(rows) >= 20:
         count = min(64, max(4, len(rows) // 10))
-        rows, held_out = rows[:-count], rows[-count:]
+        step = max(len(rows) // count, 1)  # spread over the texts (calibration and task rows alike)
+        held = set(range(0, len(rows), step)[:count])
+        held_out = [t for i, t in enumerate(rows) if i in held]
+        labels = None if labels is None else [y for i, y in enumerate(labels) if i not in held]
+        rows = [t for i, t in enumerate(rows) if i not in held]
     check = _FidelityCheck(student, teacher, tokenizer, held_out, max_length, [p for _, p in chosen])
-    encoded = datasets.Dataset.from_dict({"text": rows}).map(
+    columns = {"text": rows, **({"labels": labels} if labels is not None else {})}
+    encoded = datasets.Dataset.from_dict(columns).map(
         lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
         batched=True,
         remove_columns=["text"],
     )
-    has_logits = hasattr(student, "classifier") or hasattr(student, "lm_head")
     settings = dict(
         alpha_kl=1.0 if has_logits else 0.0, alpha_task=0.0, alpha_cos=1.0, alpha_pooled=1.0,
         logging_steps=max((max_steps or 100) // 10, 1), dataloader_pin_memory=False,
@@ -238,19 +261,45 @@ def recover(student: nn.Module, teacher: nn.Module, texts: Any, *, tokenizer: An
             trainer = DistillationTrainer(model=student, args=args, teacher=teacher, train_dataset=encoded,
                                           data_collator=DataCollatorWithPadding(tokenizer),
                                           optimizers=(optimizer, scheduler), callbacks=[_budget_callback(schedule), *(callbacks or [])])  # fmt: skip
+            started = time.perf_counter()
             trainer.train()
     finally:
         for param in student.parameters():
             param.requires_grad_(was_trainable.get(id(param), True))
     check.keep_better()
+    if stats is not None:
+        stats.update(max_steps=max_steps, max_seconds=max_seconds, steps=trainer.state.global_step,
+                     seconds=round(time.perf_counter() - started, 1), texts=len(rows), batch_size=batch_size,
+                     labeled_rows=len(labeled_rows or []), task_loss=labels is not None, train=train,
+                     learning_rate=learning_rate, held_out_texts=len(held_out),
+                     held_out_cosine_before=getattr(check, "before", None),
+                     held_out_cosine_after=getattr(check, "after", None), kept_trained=check.kept)  # fmt: skip
     return student.eval()
+
+
+@torch.inference_mode()
+def _teacher_labels(teacher: nn.Module, tokenizer: Any, texts: list[str], max_length: int) -> list[int]:
+    """The teacher's predicted class of each text: the label of unlabeled texts when training on task labels."""
+    labels: list[int] = []
+    for start in range(0, len(texts), 32):
+        enc = tokenizer(texts[start : start + 32], truncation=True, max_length=max_length, padding=True,
+                        return_tensors="pt")  # fmt: skip
+        labels += teacher(**enc).logits.argmax(-1).tolist()
+    return labels
+
+
+def split_task_rows(task_data: Any, every: int = 5) -> tuple[list[dict], list[dict]]:
+    """Labeled rows as ``(train, held_out)``: every `every`-th row is held out for the report's task metric, so
+    the number before/after is measured on rows neither the search nor recovery trained on."""
+    rows = list(task_data)
+    return [r for i, r in enumerate(rows) if i % every], rows[::every]
 
 
 class _FidelityCheck:
     """Held-out fidelity before and after recovery; restores the trained weights when training made it worse."""
 
     def __init__(self, student, teacher, tokenizer, texts: list[str], max_length: int, params: list) -> None:
-        self.student, self.params, self.batches = student, params, []
+        self.student, self.params, self.batches, self.kept = student, params, [], True
         if not texts:
             return
         for start in range(0, len(texts), 32):
@@ -281,6 +330,7 @@ class _FidelityCheck:
             return
         self.after = self._cosine()
         if self.after < self.before:
+            self.kept = False
             for param, saved in zip(self.params, self.saved):
                 param.copy_(saved)
             warnings.warn(
