@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..architectures import UnsupportedArchitectureError, get_adapter
-from ..integrations.trainer import CheckpointExtrasTrainer
+from ..integrations.trainer import CheckpointExtrasTrainer, fsdp_version
 from .config import DistillationArguments, resolve_layer_map
 from .losses import (
     HiddenProjections,
@@ -233,20 +233,32 @@ class DistillationTrainer(CheckpointExtrasTrainer):
     # -- projections: optimised with the student, synchronised across processes, saved with the optimizer ---------
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
-        if self.projections is not None:
-            present = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            params = [p for p in self.projections.parameters() if id(p) not in present]
-            if params:
-                lr = self.args.projection_lr or self.args.learning_rate
-                optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
-                # The Trainer zeroes only the student's gradients (model.zero_grad()); clear ours after each step.
-                optimizer.register_step_post_hook(lambda *_: self.projections.zero_grad(set_to_none=True))
+        # FSDP2 swaps the model's parameters for sharded ones in `accelerator.prepare(model, optimizer)` and fails on
+        # optimizer parameters it does not own: the projections join after that, in `create_scheduler`.
+        if fsdp_version(self) != 2:
+            self._add_projections(optimizer)
         return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        self._add_projections(optimizer or self.optimizer)  # before the scheduler records each group's lr
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def _add_projections(self, optimizer: torch.optim.Optimizer | None) -> None:
+        if self.projections is None or optimizer is None:
+            return
+        present = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        params = [p for p in self.projections.parameters() if id(p) not in present]
+        if params:
+            lr = self.args.projection_lr or self.args.learning_rate
+            optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
+            # The Trainer zeroes only the student's gradients (model.zero_grad()); clear ours after each step.
+            inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+            inner.register_step_post_hook(lambda *_: self.projections.zero_grad(set_to_none=True))
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.projections is not None and self.accelerator.num_processes > 1:
-            # The projections live outside the DDP-wrapped student, so their gradients are averaged here.
+            # The projections live outside the DDP/FSDP-wrapped student, so their gradients are averaged here.
             for param in self.projections.parameters():
                 if param.grad is not None:
                     torch.distributed.all_reduce(param.grad)

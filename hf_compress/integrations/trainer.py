@@ -1,20 +1,44 @@
-"""The `transformers.Trainer` private methods hf_compress relies on, in one place.
+"""The `transformers.Trainer` and `accelerate` internals hf_compress relies on, in one place.
 
-Checked on transformers 5.23 and 5.24 (torch 2.13): `Trainer._save_optimizer_and_scheduler(output_dir)` runs when a
-checkpoint is written and `Trainer._load_optimizer_and_scheduler(checkpoint)` when training resumes from one; both
-are private and may change. Subclasses get two public hooks instead.
+Checked on transformers 5.23 and 5.24, accelerate 1.15, torch 2.13:
+
+- `PreTrainedModel.save_pretrained(state_dict=...)` ignores the given state dict when the model has an
+  ``hf_quantizer`` (every hf_compress model has one): `CheckpointExtrasTrainer._save` makes it keep the full state
+  dict gathered under FSDP.
+- `Trainer._save_optimizer_and_scheduler(output_dir)` runs when a checkpoint is written and
+  `Trainer._load_optimizer_and_scheduler(checkpoint)` when training resumes from one; both are private and may
+  change. Subclasses get two public hooks instead (`save_extra_state` / `load_extra_state`).
+- FSDP without a GPU. torch 2.13 runs FSDP1 and FSDP2 (`fully_shard`) on CPU over gloo, but accelerate 1.15 turns
+  FSDP on only for GPU-like distributed types (`AcceleratorState.__init__` checks MULTI_GPU, MULTI_XPU, ...): on
+  CPU, ``accelerate launch`` with an FSDP config (or ``TrainingArguments(fsdp=True)``) *silently trains with DDP*,
+  every process holding the whole model. `CheckpointExtrasTrainer` switches accelerate's state to FSDP there (the
+  same two assignments accelerate makes for GPUs), so the FSDP code paths run, and are tested, on CPU too. Two more
+  CPU gaps of accelerate 1.15 are bridged: `FullyShardedDataParallelPlugin(sync_module_states=True)` raises "There
+  are currently no available devices found" without an accelerator (turned off on CPU: every process loads the
+  same weights), and FSDP1 gets ``device_id=cpu:0`` while torch's compute device is ``cpu`` ("Inconsistent compute
+  device and `device_id`").
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+
+import torch
+from torch import nn
 from transformers import Trainer
 
 
-__all__ = ["CheckpointExtrasTrainer"]
+__all__ = ["CheckpointExtrasTrainer", "check_fsdp_compatible", "fsdp_version"]
 
 
 class CheckpointExtrasTrainer(Trainer):
-    """A Trainer whose checkpoints can hold extra state: override `save_extra_state` / `load_extra_state`."""
+    """A Trainer for hf_compress models: checkpoints can hold extra state, and FSDP works on CPU as on GPUs.
+
+    Override `save_extra_state` / `load_extra_state` to put more state into checkpoints. Under FSDP the model is
+    checked first (`check_fsdp_compatible`): what cannot be sharded gets an error that says which setting can.
+    Use it (or `DistillationTrainer`) in place of `Trainer` to fine-tune compressed models.
+    """
 
     def save_extra_state(self, output_dir: str) -> None:
         """Write extra state into the checkpoint folder `output_dir` (after the optimizer and scheduler)."""
@@ -31,3 +55,160 @@ class CheckpointExtrasTrainer(Trainer):
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         self.load_extra_state(checkpoint)
         super()._load_optimizer_and_scheduler(checkpoint)
+
+    # transformers 5.23/5.24: private; `save_model` calls it with the full state dict it gathered under FSDP.
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+        quantizer = getattr(model, "hf_quantizer", None)
+        if state_dict is None or quantizer is None:
+            return super()._save(output_dir, state_dict=state_dict)
+        # `PreTrainedModel.save_pretrained` replaces the state dict it was given by
+        # `hf_quantizer.get_state_dict_and_metadata(model)`, and (None, {}) means "the model's own": under FSDP those
+        # are the local DTensor shards, which safetensors cannot write. Hand it the gathered one instead.
+        quantizer.get_state_dict_and_metadata = lambda _model: (state_dict, {})
+        try:
+            return super()._save(output_dir, state_dict=state_dict)
+        finally:
+            del quantizer.get_state_dict_and_metadata
+
+    # transformers 5.23/5.24: public, called once from `__init__` (self.model is set by then).
+    def create_accelerator_and_postprocess(self) -> None:
+        on_cpu = _no_accelerator(self.args)
+        if on_cpu:
+            _cpu_plugin_args(self.args.fsdp_plugin_args)
+        super().create_accelerator_and_postprocess()
+        if on_cpu and _fsdp_requested(self.args):
+            _enable_fsdp_on_cpu(self)
+        if self.is_fsdp_enabled and self.model is not None:
+            check_fsdp_compatible(self.model, self.accelerator.state.fsdp_plugin)
+            _fsdp2_layer_classes(self.model, self.accelerator.state.fsdp_plugin)
+
+
+def fsdp_version(trainer: Trainer) -> int | None:
+    """1 or 2 when `trainer` shards its model with FSDP, None otherwise."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None) if trainer.is_fsdp_enabled else None
+    return None if plugin is None else int(plugin.fsdp_version)
+
+
+def check_fsdp_compatible(model: nn.Module, plugin) -> None:
+    """Raise a clear error for a model FSDP `plugin` cannot shard; say which setting can.
+
+    hf_compress keeps packed int8/int4 weights as buffers, which FSDP never flattens or shards: they stay whole
+    (and frozen) on every process, and only floating-point parameters are sharded. What fails is FSDP1's flat
+    parameters: one per wrapped unit, needing a single dtype, and (unless ``use_orig_params``) a single
+    ``requires_grad`` (LoRA adapters next to frozen weights).
+    """
+    version = int(getattr(plugin, "fsdp_version", 1))
+    params = [(name, p) for name, p in model.named_parameters()]
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no parameters for FSDP to shard.")
+    if version != 1:
+        return
+    dtypes = sorted({str(p.dtype) for _, p in params})
+    if len(dtypes) > 1:
+        examples = {str(p.dtype): name for name, p in params}
+        raise ValueError(
+            f"FSDP1 flattens the parameters of each wrapped unit into one tensor of a single dtype, but this model "
+            f"mixes {dtypes} (e.g. {examples}). Quantized layers keep their bias in their compute dtype: load the "
+            "model with dtype=<that compute dtype> (from_pretrained(..., dtype=torch.bfloat16)), or use FSDP2 "
+            "(fsdp_version: 2 in the accelerate config, fsdp_config={'version': 2}), which shards each parameter "
+            "on its own."
+        )
+    trainable = {p.requires_grad for _, p in params}
+    if len(trainable) > 1 and not getattr(plugin, "use_orig_params", False):
+        frozen = next(name for name, p in params if not p.requires_grad)
+        trained = next(name for name, p in params if p.requires_grad)
+        raise ValueError(
+            f"This model trains some parameters ({trained!r}) and freezes others ({frozen!r}), e.g. LoRA on a "
+            "quantized or frozen backbone; FSDP1 with use_orig_params=False cannot flatten both into one "
+            "parameter. Set fsdp_use_orig_params: true (fsdp_config={'use_orig_params': True}), or use FSDP2 "
+            "(fsdp_version: 2)."
+        )
+
+
+def _fsdp2_layer_classes(model: nn.Module, plugin) -> None:
+    """Wrap each transformer layer, never a module that holds the input embedding (accelerate 1.15, FSDP2).
+
+    With TRANSFORMER_BASED_WRAP and no class names, accelerate wraps every class of ``model._no_split_modules``
+    (BERT: ``BertEmbeddings`` too) and then shards the input embedding once more, which torch rejects with
+    "Invariant encountered: value was None when it should not be" (the weight is already a DTensor).
+    """
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    if int(plugin.fsdp_version) != 2 or plugin.auto_wrap_policy is not transformer_auto_wrap_policy:
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    embedding = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    names = plugin.transformer_cls_names_to_wrap or list(getattr(base, "_no_split_modules", None) or [])
+    holders = {type(m).__name__ for m in base.modules() if embedding is not None and embedding in set(m.modules())}
+    clash = [name for name in names if name in holders]
+    if not clash:
+        return
+    if plugin.transformer_cls_names_to_wrap:
+        raise ValueError(
+            f"fsdp_transformer_layer_cls_to_wrap={names} includes {clash}, which holds the input embedding that "
+            "accelerate's FSDP2 shards on its own. Name only the transformer layer class (e.g. "
+            f"{[n for n in names if n not in holders] or ['BertLayer']})."
+        )
+    plugin.transformer_cls_names_to_wrap = [name for name in names if name not in holders]
+
+
+# -- FSDP on CPU (accelerate 1.15) -------------------------------------------------------------------------------
+def _no_accelerator(args) -> bool:
+    """True when training runs on CPU: use_cpu, or no CUDA/XPU device (accelerate then picks MULTI_CPU + gloo)."""
+    if args.use_cpu:
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return not torch.cuda.is_available() and not (xpu is not None and xpu.is_available())
+
+
+def _fsdp_requested(args) -> bool:
+    return args.fsdp_plugin_args is not None or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def _cpu_plugin_args(plugin_args: dict | None) -> None:
+    """sync_module_states broadcasts rank 0's weights from an accelerator device: accelerate 1.15 raises on CPU."""
+
+    def flag(key: str) -> bool:
+        value = (plugin_args or {}).get(key, os.environ.get(f"FSDP_{key.upper()}", "false"))
+        return str(value).lower() in ("1", "true")
+
+    if flag("cpu_ram_efficient_loading"):
+        raise ValueError(
+            "FSDP cpu_ram_efficient_loading loads the weights on rank 0 only and broadcasts them from a GPU "
+            "(sync_module_states), which accelerate cannot do on CPU. Set fsdp_cpu_ram_efficient_loading: false and "
+            "fsdp_sync_module_states: false (every process then loads the checkpoint itself)."
+        )
+    if flag("sync_module_states"):  # every process loaded the same checkpoint: nothing to broadcast
+        if plugin_args is not None:
+            plugin_args["sync_module_states"] = False
+        os.environ["FSDP_SYNC_MODULE_STATES"] = "false"
+
+
+def _enable_fsdp_on_cpu(trainer: Trainer) -> None:
+    """Make accelerate shard with FSDP on CPU instead of silently falling back to DDP (see the module docstring)."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if state.distributed_type != DistributedType.MULTI_CPU:
+        return  # one process (nothing to shard), or accelerate already chose FSDP
+    plugin_args = trainer.args.fsdp_plugin_args
+    plugin = FullyShardedDataParallelPlugin(**plugin_args) if plugin_args else FullyShardedDataParallelPlugin()
+    # What AcceleratorState.__init__ does for GPUs; PartialState too, since every later AcceleratorState() copies
+    # PartialState's shared state back over its own.
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    AcceleratorState._shared_state["fsdp_plugin"] = plugin
+    if plugin.fsdp_version == 1:
+        # torch's FSDP1 compares device_id (accelerate passes its device, cpu:0) with torch.device("cpu").
+        PartialState._shared_state["device"] = torch.device("cpu")
+    trainer.is_fsdp_enabled = True
+    if trainer.accelerator.process_index == 0:
+        warnings.warn(
+            f"hf_compress: running FSDP{plugin.fsdp_version} on CPU over gloo (accelerate alone would train with DDP "
+            "here).",
+            stacklevel=3,
+        )
