@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import gc
+import os
 import statistics
 import tempfile
 import time
@@ -33,6 +34,8 @@ from hf_compress.utils import count_parameters, model_bytes
 __all__ = [
     "BenchConfig",
     "LOCK",
+    "cache_dir",
+    "disk_bytes",
     "bench_lock",
     "load_minilm",
     "run_benchmark",
@@ -47,6 +50,12 @@ __all__ = [
 LOCK = "/tmp/hf_compress_bench.lock"
 
 ModelOrFactory = nn.Module | Callable[[], nn.Module]
+
+
+def cache_dir() -> Path:
+    """Where benches keep what is slow to rebuild (trained models): ``$HF_COMPRESS_BENCH_CACHE`` or
+    ``~/.cache/hf_compress/bench``."""
+    return Path(os.environ.get("HF_COMPRESS_BENCH_CACHE", Path.home() / ".cache/hf_compress/bench"))
 
 
 @dataclass
@@ -138,7 +147,8 @@ def time_alternately(
     return {name: statistics.median(values) for name, values in ratios.items()}
 
 
-def _disk_bytes(model: nn.Module) -> int | None:
+def disk_bytes(model: nn.Module) -> int | None:
+    """Bytes of the ``*.safetensors`` files `save_pretrained` writes (None when the model cannot be saved)."""
     if not hasattr(model, "save_pretrained"):
         return None
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,7 +220,7 @@ def run_benchmark(
             "probe acc": None,
         }
         if config.disk:
-            disk = _disk_bytes(model)
+            disk = disk_bytes(model)
             row["disk (MB)"] = disk / 1e6 if disk is not None else None
         if config.probe:
             train_emb = embed(model, tokenizer, [r["text"] for r in train_rows], config.max_length)
