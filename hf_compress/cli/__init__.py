@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "or a compressed folder / its config.json (its resolved recipe).")
     what.add_argument("--budget", help="Target size: megabytes ('12', '12MB') or a reduction factor ('10x'). "
                       "Searches the settings with the best measured fidelity that fit.")  # fmt: skip
+    what.add_argument("--latency", help="With --budget: a speed target as a ratio to the original's latency ('0.5x'), "
+                      "measured on this machine in the same run; the search then also tries fewer layers and int8 "
+                      "activations.")  # fmt: skip
     _add_data_options(c)
     out = c.add_argument_group("output")
     out.add_argument("--output-dir", help="Where to save (default: ./<model name>-hf_compress); it must be new or "

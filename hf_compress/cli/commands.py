@@ -124,7 +124,7 @@ def run_compress(args: argparse.Namespace, argv: list[str]) -> int:
     eval_texts = load_texts(args.eval_texts, "test", 64)
     shown = [a for a in argv if a != model] if not args.model else argv
     result = compress(
-        model, *configs, preset=args.preset, recipe=args.recipe, budget=args.budget,
+        model, *configs, preset=args.preset, recipe=args.recipe, budget=args.budget, latency=args.latency,
         calibration_data=calibration, eval_data=eval_texts, task_data=load_rows(args.task_data), metric=args.metric,
         distill=args.distill, output_dir=output_dir, push_to_hub=args.push_to_hub, private=args.private,
         overwrite="source" if args.overwrite_source else args.overwrite, token=args.token,
@@ -134,7 +134,9 @@ def run_compress(args: argparse.Namespace, argv: list[str]) -> int:
     if result.report is not None:
         _print_report(result.report, args.json)
         if result.report.choice and not args.json:
-            print(f"\nbudget: {result.report.choice['summary']}")
+            from ..pipeline.budget import candidates_table
+
+            print(f"\nbudget: {result.report.choice['summary']}\n{candidates_table(result.report.choice)}")
     print(f"\nsaved to {result.output_dir} (reload: import hf_compress; AutoModel.from_pretrained(...))")
     for target, folder in result.exports.items():
         print(f"exported for {target} to {folder}")
