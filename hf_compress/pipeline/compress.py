@@ -95,9 +95,8 @@ def compress(
             factor (``"10x"``). Searches settings that fit with the best measured fidelity (needs calibration data;
             see `hf_compress.pipeline.budget`). Recovery distillation runs after its structural steps by default.
         latency (`float` or `str`, *optional*): with `budget`, a speed target as a ratio to the original's latency
-            (``"0.5x"``), measured on this machine in the same run on the model's own shapes. The search then also
-            tries fewer layers (the result is then a new model object) and int8 activations, and fails with the
-            best candidates found when no setting meets both targets.
+            (``"0.5x"``), measured here in the same run on the model's own shapes; the search also tries fewer layers
+            (then the result is a new model object) and int8 activations (see `hf_compress.pipeline.budget`).
         calibration_data (`list[str]` or `datasets.Dataset`, *optional*): text for data-aware techniques; also the
             fidelity texts when `eval_data` is not given.
         eval_data (`list[str]` or `datasets.Dataset`, *optional*): texts for the fidelity measurement.
@@ -108,7 +107,8 @@ def compress(
         distill (`bool` or `dict`, *optional*): recovery distillation after the structural techniques; a dict is
             passed to `hf_compress.pipeline.recovery.recover` (e.g. ``{"max_seconds": 300}``). Defaults to what the
             preset says; in budget mode to `DEFAULT_RECOVERY` (a wall-clock budget). Its data are the calibration
-            texts plus the labeled `task_data` (4 of 5 rows; the fifth is held out for the report's task metric).
+            texts plus, for a model with a classification head, the labeled `task_data` (4 of 5 rows, trained with
+            the task loss and soft targets; the fifth is held out for the report's task metric).
         output_dir (`str` or `os.PathLike`, *optional*): save the model, tokenizer, report, card and plots here
             (atomically: a failure never leaves a half-written folder). It must be missing or empty unless
             `overwrite` allows more (checked before compressing); a symlink is followed.
@@ -184,7 +184,7 @@ def compress(
         eval_texts = eval_texts[:max_eval_texts] if eval_texts else None
         choice = recovery = None
         train_rows, report_rows = None, task_data
-        if task_data is not None and (budget is not None or (distill and structural)):
+        if task_data is not None and (budget is not None or (distill and structural)) and hasattr(model, "classifier"):
             from .recovery import split_task_rows
 
             train_rows, report_rows = split_task_rows(task_data)
