@@ -48,13 +48,39 @@ class CheckpointExtrasTrainer(Trainer):
 
     # transformers 5.23/5.24: private; called from `_save_checkpoint`.
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
+        if self._fsdp1_full_state_dict_on_cpu():
+            # The FSDP copy of the model for resuming: accelerate's save_fsdp_model forces offload_to_cpu=True
+            # (see save_model); transformers calls it by its name in transformers.trainer.
+            import transformers.trainer as trainer_module
+
+            original = trainer_module.save_fsdp_model
+            trainer_module.save_fsdp_model = _save_fsdp1_model_on_cpu
+            try:
+                super()._save_optimizer_and_scheduler(output_dir)
+            finally:
+                trainer_module.save_fsdp_model = original
+        else:
+            super()._save_optimizer_and_scheduler(output_dir)
         self.save_extra_state(output_dir)
 
     # transformers 5.23/5.24: private; called from `train(resume_from_checkpoint=...)`.
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         self.load_extra_state(checkpoint)
         super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _fsdp1_full_state_dict_on_cpu(self) -> bool:
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
+        return (plugin is not None and plugin.fsdp_version == 1 and self.accelerator.device.type == "cpu"
+                and "FULL_STATE_DICT" in str(plugin.state_dict_type))  # fmt: skip
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self._fsdp1_full_state_dict_on_cpu():
+            return super().save_model(output_dir, _internal_call=_internal_call)
+        # FSDP1 on CPU: accelerate 1.15 gathers with offload_to_cpu=True, and on CPU the "offloaded" tensors alias
+        # the unsharded flat parameter FSDP frees right after (rank 0 then crashes with a segmentation fault).
+        self._save(output_dir or self.args.output_dir, state_dict=_fsdp1_full_state_dict(self.model))
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     # transformers 5.23/5.24: private; `save_model` calls it with the full state dict it gathered under FSDP.
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -105,6 +131,14 @@ def check_fsdp_compatible(model: nn.Module, plugin) -> None:
         raise ValueError(f"{type(model).__name__} has no parameters for FSDP to shard.")
     if version != 1:
         return
+    if hasattr(model, "peft_config"):
+        # peft 0.21.2 finds the adapter's tensors by module name; nested FSDP1 units rename the modules
+        # (`..._fsdp_wrapped_module...`), so `save_model` would write an adapter without its LoRA weights.
+        raise ValueError(
+            "PEFT adapters cannot be saved correctly under FSDP1 (the saved adapter would lack its LoRA weights: "
+            "peft 0.21.2 looks them up under FSDP1's wrapped module names). Use FSDP2: fsdp_version: 2 in the "
+            "accelerate config, or fsdp_config={'version': 2} in TrainingArguments."
+        )
     dtypes = sorted({str(p.dtype) for _, p in params})
     if len(dtypes) > 1:
         examples = {str(p.dtype): name for name, p in params}
@@ -155,6 +189,26 @@ def _fsdp2_layer_classes(model: nn.Module, plugin) -> None:
 
 
 # -- FSDP on CPU (accelerate 1.15) -------------------------------------------------------------------------------
+def _fsdp1_full_state_dict(model: nn.Module) -> dict:
+    """The full state dict of an FSDP1 model on rank 0 (empty elsewhere), gathered without a CPU "offload"."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)):
+        return model.state_dict()
+
+
+def _save_fsdp1_model_on_cpu(fsdp_plugin, accelerator, model, output_dir, model_index=0, **kwargs) -> None:
+    """accelerate 1.15's `save_fsdp_model` for FULL_STATE_DICT (the file it writes), without offload_to_cpu."""
+    from accelerate.utils.constants import FSDP_MODEL_NAME
+
+    os.makedirs(output_dir, exist_ok=True)
+    state_dict = _fsdp1_full_state_dict(model)
+    if accelerator.process_index == 0:
+        name = f"{FSDP_MODEL_NAME}.bin" if model_index == 0 else f"{FSDP_MODEL_NAME}_{model_index}.bin"
+        torch.save(state_dict, os.path.join(output_dir, name))
+
+
 def _no_accelerator(args) -> bool:
     """True when training runs on CPU: use_cpu, or no CUDA/XPU device (accelerate then picks MULTI_CPU + gloo)."""
     if args.use_cpu:
@@ -204,7 +258,12 @@ def _enable_fsdp_on_cpu(trainer: Trainer) -> None:
     AcceleratorState._shared_state["fsdp_plugin"] = plugin
     if plugin.fsdp_version == 1:
         # torch's FSDP1 compares device_id (accelerate passes its device, cpu:0) with torch.device("cpu").
-        PartialState._shared_state["device"] = torch.device("cpu")
+        PartialState._shared_state["device"] = state.device = torch.device("cpu")
+        if "FULL_STATE_DICT" in str(plugin.state_dict_type):
+            # Gathering "to CPU" on CPU aliases the flat parameter FSDP1 frees right after (segmentation fault).
+            from torch.distributed.fsdp import FullOptimStateDictConfig
+
+            plugin.optim_state_dict_config = FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True)
     trainer.is_fsdp_enabled = True
     if trainer.accelerator.process_index == 0:
         warnings.warn(
