@@ -32,6 +32,8 @@ from hf_compress.quantization import WeightQuantizationConfig
 
 
 GLOBAL_BATCH = 16
+# None: FSDP (if any) comes from the accelerate config of the launch; else TrainingArguments(fsdp=..., fsdp_config=...).
+FSDP_ARGUMENTS: dict | None = None
 
 
 def tiny(hidden: int, seed: int):
@@ -54,10 +56,8 @@ def arguments(out: Path, name: str, world: int, cls=TrainingArguments, **kwargs)
         learning_rate=3e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
         seed=0, average_tokens_across_devices=False, lr_scheduler_type="linear", warmup_steps=1,
     )  # fmt: skip
-    fsdp = os.environ.get("FSDP_VIA_TRAINING_ARGUMENTS")  # "1" or "2": the transformers route, no accelerate config
-    if fsdp:
-        # sync_module_states is left at transformers' default (True for FSDP1): hf_compress turns it off on CPU.
-        common.update(fsdp=True, fsdp_config={"version": int(fsdp), "use_orig_params": True})
+    if FSDP_ARGUMENTS:
+        common.update(FSDP_ARGUMENTS)
     return cls(**{**common, **kwargs})
 
 
@@ -74,9 +74,13 @@ def run(trainer, out: Path, name: str) -> None:
             "logs": [h for h in trainer.state.log_history if "loss" in h],
         }
         if isinstance(trainer, DistillationTrainer):
-            record["teacher_frozen"] = all(not p.requires_grad and p.grad is None for p in trainer.teacher.parameters())
+            record["teacher_frozen"] = all(
+                not p.requires_grad and p.grad is None for p in trainer.teacher.parameters()
+            )
             record["teacher_type"] = type(trainer.teacher).__name__
-            record["projections"] = torch.cat([p.detach().flatten() for p in trainer.projections.parameters()]).tolist()
+            record["projections"] = torch.cat(
+                [p.detach().flatten() for p in trainer.projections.parameters()]
+            ).tolist()
         (out / f"{name}.json").write_text(json.dumps(record))
 
 
@@ -84,8 +88,14 @@ def distill(out: Path, world: int) -> None:
     teacher = tiny(32, seed=1).eval()
     with torch.no_grad():  # peaked outputs, so the soft targets carry information
         teacher.classifier.weight.mul_(20)
-    args = arguments(out, "distill", world, DistillationArguments, alpha_kl=1.0, alpha_task=0.5, alpha_cos=1.0, temperature=2.0)
-    run(DistillationTrainer(model=tiny(16, seed=2), teacher=teacher, args=args, train_dataset=dataset()), out, "distill")
+    args = arguments(
+        out, "distill", world, DistillationArguments, alpha_kl=1.0, alpha_task=0.5, alpha_cos=1.0, temperature=2.0
+    )
+    run(
+        DistillationTrainer(model=tiny(16, seed=2), teacher=teacher, args=args, train_dataset=dataset()),
+        out,
+        "distill",
+    )
 
 
 def pruned(out: Path, world: int) -> None:
@@ -113,12 +123,24 @@ def lora(out: Path, world: int) -> None:
     run(trainer, out, "lora")
 
 
-def main(out: Path, runs: list[str]) -> None:
+def main(out: Path, modes: list[str]) -> None:
+    """`modes`: ``one`` (a single process), ``fsdp2`` (the accelerate config's FSDP2), ``fsdp1`` (FSDP1 requested
+    through TrainingArguments, transformers' route; sync_module_states left at its default True, which hf_compress
+    turns off on CPU). Each writes its runs under ``out/<mode>``."""
+    global FSDP_ARGUMENTS
     torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    for name in runs:
-        {"distill": distill, "pruned": pruned, "lora": lora}[name](out, world)
+    for index, mode in enumerate(modes):
+        if index:  # a new FSDP setup in the same processes: accelerate keeps one state per process
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+        FSDP_ARGUMENTS = (
+            {"fsdp": True, "fsdp_config": {"version": 1, "use_orig_params": True}} if mode == "fsdp1" else None
+        )
+        for run_name in (distill, pruned, lora):
+            run_name(out / mode, world)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2].split(",") if len(sys.argv) > 2 else ["distill", "pruned", "lora"])
+    main(Path(sys.argv[1]), sys.argv[2].split(","))
