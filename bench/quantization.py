@@ -50,6 +50,19 @@ def hf_compress_variant(base, calibration, **kwargs) -> Callable[[], nn.Module]:
     return build
 
 
+def sequential_variant(base, calibration, **kwargs) -> Callable[[], nn.Module]:
+    """GPTQ calibrated layer by layer (`hf_compress.sequential`), each layer on the quantized layers' outputs."""
+
+    def build():
+        from hf_compress.sequential import sequential_compress
+
+        model = copy.deepcopy(base)
+        sequential_compress(model, WeightQuantizationConfig(algorithm="gptq", **kwargs), calibration, progress=False)
+        return model
+
+    return build
+
+
 def compiled(factory: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     def build():
         return torch.compile(factory())
@@ -146,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         "hf_compress int8 (no calibration)": hf_compress_variant(base, None, bits=8),
         "hf_compress int4 g32": hf_compress_variant(base, calibration, bits=4),
         "hf_compress int4 g32 (no calibration)": hf_compress_variant(base, None, bits=4),
+        "hf_compress int4 g32 GPTQ sequential": sequential_variant(base, calibration, bits=4),
     }
     factories["hf_compress int8 dynamic act."] = hf_compress_variant(
         base, calibration, bits=8, activations="int8_dynamic"
