@@ -13,6 +13,12 @@ Several processes (DDP; on a machine without GPUs each process trains on the CPU
     accelerate launch --multi_gpu --num_processes 2 examples/finetune_text_classification.py \\
         --model minilm-pruned --output-dir out
 
+Sharded with FSDP2 (each process holds a shard of the weights, gradients and optimizer state; on GPUs use
+``examples/accelerate/fsdp2_gpu.yaml``):
+
+    accelerate launch --config_file examples/accelerate/fsdp2_cpu.yaml \\
+        examples/finetune_text_classification.py --model minilm-pruned --output-dir out
+
 ``--per-device-batch-size`` is per process: keep ``processes x per-device batch`` fixed to reproduce a run made with
 another number of processes. The default data is the labeled Debian package descriptions bundled for the tests
 (12 sections); pass ``--train-file``/``--test-file`` (csv, json or jsonl) for your own. ``--recipe recipe.json``
@@ -34,7 +40,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    Trainer,
     TrainingArguments,
     set_seed,
 )
@@ -42,6 +47,7 @@ from transformers import (
 import hf_compress
 from hf_compress import TechniqueConfig, get_recipe
 from hf_compress.data import minilm_path
+from hf_compress.integrations.trainer import CheckpointExtrasTrainer  # Trainer + FSDP fixes for compressed models
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     def accuracy(prediction) -> dict:
         return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
 
-    trainer = Trainer(
+    trainer = CheckpointExtrasTrainer(
         model=model,
         args=training_args,
         train_dataset=train_data,

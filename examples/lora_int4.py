@@ -30,13 +30,13 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    Trainer,
     TrainingArguments,
     set_seed,
 )
 
 import hf_compress
 from hf_compress.data import DEBIAN_SECTIONS, load_debian, minilm_path
+from hf_compress.integrations.trainer import CheckpointExtrasTrainer  # Trainer + FSDP fixes for compressed models
 from hf_compress.quantization import WeightQuantizationConfig
 
 
@@ -126,8 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
     def accuracy(prediction) -> dict:
         return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
 
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_data, eval_dataset=test_data,
-                      data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=accuracy)  # fmt: skip
+    trainer = CheckpointExtrasTrainer(model=model, args=training_args, train_dataset=train_data,
+                                      eval_dataset=test_data, data_collator=DataCollatorWithPadding(tokenizer),
+                                      compute_metrics=accuracy)  # fmt: skip
     train_result = trainer.train()
     metrics = {**train_result.metrics, **trainer.evaluate()}
     metrics.update(peak_rss_mb=peak_rss_mb(), rss_before_training_mb=rss_before_training,
@@ -135,8 +136,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     state = PartialState()
     adapter_dir = Path(args.output_dir) / "adapter"
+    # adapter weights + the head (a few MB), written by the main process; every process joins: under FSDP the
+    # shards are gathered first
+    trainer.save_model(str(adapter_dir))
     if state.is_main_process:
-        model.save_pretrained(adapter_dir)  # adapter weights + the head; a few MB
         if args.merge:
             metrics.update(merge(args, source, adapter_dir, test_data, DataCollatorWithPadding(tokenizer)))
         (Path(args.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -16,7 +16,11 @@ Checked on transformers 5.23 and 5.24, accelerate 1.15, torch 2.13:
   CPU gaps of accelerate 1.15 are bridged: `FullyShardedDataParallelPlugin(sync_module_states=True)` raises "There
   are currently no available devices found" without an accelerator (turned off on CPU: every process loads the
   same weights), and FSDP1 gets ``device_id=cpu:0`` while torch's compute device is ``cpu`` ("Inconsistent compute
-  device and `device_id`").
+  device and `device_id`"). FSDP1's full state dict is gathered without ``offload_to_cpu`` there: on CPU the
+  "offloaded" tensors alias memory FSDP frees right after, and rank 0 dies with a segmentation fault.
+- FSDP2 auto wrap: with TRANSFORMER_BASED_WRAP and no class names accelerate wraps every ``_no_split_modules``
+  class, BERT's ``BertEmbeddings`` too, then shards the input embedding inside it a second time (torch: "Invariant
+  encountered: value was None"); `CheckpointExtrasTrainer` wraps the transformer layers only.
 """
 
 from __future__ import annotations
@@ -100,11 +104,11 @@ class CheckpointExtrasTrainer(Trainer):
 
     # transformers 5.23/5.24: public, called once from `__init__` (self.model is set by then).
     def create_accelerator_and_postprocess(self) -> None:
-        on_cpu = _no_accelerator(self.args)
-        if on_cpu:
+        fsdp_on_cpu = _no_accelerator(self.args) and _fsdp_requested(self.args)
+        if fsdp_on_cpu:
             _cpu_plugin_args(self.args.fsdp_plugin_args)
         super().create_accelerator_and_postprocess()
-        if on_cpu and _fsdp_requested(self.args):
+        if fsdp_on_cpu:
             _enable_fsdp_on_cpu(self)
         if self.is_fsdp_enabled and self.model is not None:
             check_fsdp_compatible(self.model, self.accelerator.state.fsdp_plugin)
