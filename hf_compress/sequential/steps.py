@@ -75,6 +75,11 @@ class GPTQStep(LayerStep):
                 f"Sequential calibration runs GPTQ; got algorithm={config.algorithm!r}, which needs no calibration "
                 "data. Drop sequential=True (quantize-on-load already bounds memory for it) or use algorithm='gptq'."
             )
+        if config.activations not in (None, "int8_dynamic"):
+            raise ValueError(
+                f"Sequential calibration quantizes weights only; activations={config.activations!r} is calibrated on "
+                "the whole float model. Use activations=None or 'int8_dynamic', or run it without sequential=True."
+            )
         self.config = dataclasses.replace(config, algorithm="gptq")
         self.specs: dict[str, ModuleSpec] = {}
         self.stored: dict[str, list] = {}
