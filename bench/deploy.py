@@ -4,10 +4,12 @@
     flock /tmp/hf_compress_bench.lock python -m bench.deploy --fast   # smoke run on less data
 
 Rows: eager torch fp32 (the reference every latency is a ratio to), a bf16 cast, hf_compress int8 / int4 g32 in
-PyTorch, the same two models exported by `hf_compress.export` and run by ONNX Runtime and OpenVINO (weights
-are our exact integers; engines in float32 activations, plus each engine's faster int8-activation mode), and the
-engines' own baselines: ONNX Runtime fp32 and ``quantize_dynamic`` int8, OpenVINO fp32, and NNCF int8 weights when
-nncf is installed. Batch 32 x 128 tokens, 2 threads; mean / p5 cosine of mean-pooled sentence embeddings to fp32 on
+PyTorch and int8 with calibrated static int8 activations (``activations="int8_static"``: GPTQ weights, per-layer
+smoothing, one uint8 input scale per layer), the same models exported by `hf_compress.export` and run by ONNX
+Runtime and OpenVINO (weights are our exact integers; engines in float32 activations, plus each engine's faster
+defaults), and the engines' own baselines: ONNX Runtime fp32 and ``quantize_dynamic`` int8, OpenVINO fp32, NNCF
+int8 weights and NNCF static int8 (``nncf.quantize`` with the same calibration texts, transformer preset) when nncf
+is installed. Batch 32 x 128 tokens, 2 threads; mean / p5 cosine of mean-pooled sentence embeddings to fp32 on
 Debian test texts. "size vs fp32" is the model files on disk for exports (the tokenizer excluded).
 """
 
@@ -24,6 +26,7 @@ import torch
 
 from bench.harness import BenchConfig, format_table, load_minilm, run_benchmark
 from hf_compress import apply_compression
+from hf_compress.data import load_debian
 from hf_compress.export import export, load_exported
 from hf_compress.quantization import WeightQuantizationConfig
 
@@ -48,6 +51,23 @@ def _nncf_int8(fp32_folder: Path, out: Path):
     model = nncf.compress_weights(ov.Core().read_model(str(fp32_folder / "openvino_model.xml")))
     ov.save_model(model, str(out / "openvino_model.xml"), compress_to_fp16=False)
     return load_exported(out, threads=THREADS)
+
+
+def _nncf_static(fp32_folder: Path, out: Path, texts: list[str], tokenizer):
+    """NNCF's post-training static int8 (SmoothQuant + bias correction, transformer preset) on the same texts."""
+    import nncf  # optional: not a dependency of hf_compress
+    import openvino as ov
+
+    shutil.copytree(fp32_folder, out)
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    batches = []
+    for start in range(0, len(texts), 16):
+        enc = tokenizer(texts[start : start + 16], padding=True, truncation=True, max_length=128, return_tensors="np")
+        batches.append({name: enc[name] for name in names})
+    model = nncf.quantize(ov.Core().read_model(str(fp32_folder / "openvino_model.xml")), nncf.Dataset(batches),
+                          model_type=nncf.ModelType.TRANSFORMER, subset_size=len(batches))  # fmt: skip
+    ov.save_model(model, str(out / "openvino_model.xml"), compress_to_fp16=False)
+    return load_exported(out, threads=THREADS, exact=False)
 
 
 def _disk(folder: Path) -> int:
@@ -80,10 +100,15 @@ def main() -> None:
                                           "size vs fp32": _disk(folder) / fp32_bytes}  # fmt: skip
 
     add("bf16 cast", lambda: copy.deepcopy(base).to(torch.bfloat16))
+    calibration = [r["text"] for r in load_debian("train", per_section=4 if args.fast else 12)]
     quantized = {}
-    for label, kwargs in (("int8", dict(bits=8)), ("int4 g32", dict(bits=4, group_size=32))):
+    for label, kwargs, data in (
+        ("int8", dict(bits=8), None),  # no calibration: the data-free error-minimising search
+        ("int4 g32", dict(bits=4, group_size=32), None),
+        ("int8 static act.", dict(bits=8, activations="int8_static"), calibration),  # GPTQ + calibrated inputs
+    ):
         model = copy.deepcopy(base)
-        apply_compression(model, WeightQuantizationConfig(**kwargs))  # no calibration: round-to-nearest / search
+        apply_compression(model, WeightQuantizationConfig(**kwargs), calibration_data=data, tokenizer=tokenizer)
         quantized[label] = model
         add(f"hf_compress {label} (PyTorch)", lambda m=model: m)
     folders = {"fp32": base, **quantized}
@@ -104,6 +129,9 @@ def main() -> None:
             add("ORT quantize_dynamic int8", lambda: _onnx_dynamic_int8(tmp / "onnx-fp32", tmp / "ort-dyn"),
                 tmp / "ort-dyn")  # fmt: skip
     add("OpenVINO NNCF int8 weights", lambda: _nncf_int8(tmp / "openvino-fp32", tmp / "nncf"), tmp / "nncf")
+    add("OpenVINO NNCF int8 static (calibrated)",
+        lambda: _nncf_static(tmp / "openvino-fp32", tmp / "nncf-static", calibration, tokenizer),
+        tmp / "nncf-static")  # fmt: skip
     rows = run_benchmark(variants, config, reference=("fp32 (eager torch)", base), tokenizer=tokenizer)
     print(format_table(rows, "Deployment engines on MiniLM (batch 32 x 128, 2 threads)"))
     for line in failures:

@@ -64,6 +64,8 @@ def float_view(model: nn.Module) -> nn.Module:
             plain.weight = nn.Parameter(weight, requires_grad=False)
             if module.bias is not None:
                 plain.bias = nn.Parameter(module.bias.detach().float(), requires_grad=False)
+            if module.activations == "int8_static":
+                plain = StaticInputLinear(module, plain)
         else:
             plain = nn.Embedding(*weight.shape, padding_idx=module.padding_idx)
             plain.weight = nn.Parameter(weight, requires_grad=False)
@@ -71,6 +73,22 @@ def float_view(model: nn.Module) -> nn.Module:
     # PreTrainedModel.float() refuses models with a quantizer attached; the view holds no quantized module any more.
     nn.Module.float(view)
     return view.eval()
+
+
+class StaticInputLinear(nn.Module):
+    """The float view of an ``"int8_static"`` layer: its smoothed input fake-quantized with constant uint8 scale and
+    zero point, which the ONNX exporter writes as QuantizeLinear / DequantizeLinear (the pattern ONNX Runtime and
+    OpenVINO run as an int8 x int8 matmul), then the linear layer."""
+
+    def __init__(self, layer: QuantLinear, linear: nn.Linear) -> None:
+        super().__init__()
+        self.register_buffer("multiplier", layer.input_multiplier.detach().float().clone())
+        self.scale, self.zero_point = float(layer.input_scale.float()), int(layer.input_zero_point.float().round())
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.fake_quantize_per_tensor_affine(x * self.multiplier, self.scale, self.zero_point, 0, 255)
+        return self.linear(x)
 
 
 def input_names(model: nn.Module) -> list[str]:

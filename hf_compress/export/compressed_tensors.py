@@ -61,6 +61,13 @@ def check(model: nn.Module) -> None:
             f"compressed-tensors quantizes Linear layers only, and {embeddings} are quantized embeddings: quantize "
             "with WeightQuantizationConfig(quantize_embeddings=False) to export, or use to='onnx' / 'openvino'."
         )
+    static = [n for n, m in modules.items() if getattr(m, "activations", None) == "int8_static"]
+    if static:  # its input smoothing has no slot in the format's static activation scheme
+        raise ValueError(
+            f"{static[:3]} use activations='int8_static' (smoothed, calibrated uint8 inputs), which compressed-tensors "
+            "cannot hold. Export them to='onnx' / 'openvino' (which run them as int8 matmuls), or quantize with "
+            "activations=None for compressed-tensors."
+        )
     config = plain_config(model, allow_quantized=True)
     with torch.device("meta"):  # the compressed model holds QuantLinear there: ask the plain architecture
         skeleton = type(model)(config)

@@ -14,7 +14,7 @@ from ..validation import WrongTypeError, check_bool, check_number, check_pattern
 __all__ = ["WeightQuantizationConfig", "ALGORITHMS", "ModuleSpec"]
 
 ALGORITHMS = ("auto", "rtn", "hqq", "mse", "gptq")
-_ACTIVATIONS = (None, "int8_dynamic")
+_ACTIVATIONS = (None, "int8_dynamic", "int8_static")
 _DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
@@ -80,7 +80,17 @@ class WeightQuantizationConfig(TechniqueConfig):
             regex and the dict may set ``bits``, ``group_size`` and ``symmetric``. The first matching pattern wins.
         activations (`str`, *optional*):
             ``"int8_dynamic"`` quantizes the activations of 8-bit symmetric linear layers per token at run time and
-            multiplies in int8 (`torch._int_mm`): fastest on CPU, slightly less accurate.
+            multiplies in int8 (`torch._int_mm`): fastest on CPU, slightly less accurate. ``"int8_static"`` (needs
+            calibration data) calibrates one uint8 scale and zero point per layer input, after a per-channel
+            smoothing of the input (SmoothQuant's migration of activation outliers into the weights, with the
+            migration strength chosen per layer by output error on the calibration data, see `smoothing`). PyTorch
+            runs it as fake-quantized inputs (int8-weight speed); it is the mode ONNX Runtime and OpenVINO run as
+            int8 x int8 matmuls with static scales once exported (`hf_compress.export`).
+        smoothing (`float` or `str`, *optional*, defaults to `"auto"`):
+            ``activations="int8_static"`` only: the migration strength alpha in ``s_j = max|x_j|^alpha /
+            max|W_j|^(1 - alpha)`` (inputs divided by ``s``, weights multiplied by it), 0 for none. ``"auto"``
+            picks, per layer, the alpha in {0, 0.25, 0.4, 0.5, 0.6, 0.7, 0.8} whose quantized output is closest
+            to the float one on the calibration data.
         compute_dtype (`str`, *optional*, defaults to `"auto"`):
             Dtype of the matmuls and of every remaining floating-point weight of the model. ``"auto"`` picks it on
             the machine that *runs* the model, when it is compressed or loaded: bfloat16 on CUDA and on CPUs with
@@ -129,7 +139,11 @@ class WeightQuantizationConfig(TechniqueConfig):
         default=None, metadata={"help": 'Mixed precision: {"pattern": {"bits": 8, "group_size": 64}}.'}
     )
     activations: str | None = field(
-        default=None, metadata={"help": "'int8_dynamic': per-token int8 activations with int8 matmuls (8-bit only)."}
+        default=None,
+        metadata={"help": "'int8_dynamic' (per-token, at run time) or 'int8_static' (calibrated) int8 activations."},
+    )
+    smoothing: float | str = field(
+        default="auto", metadata={"help": "int8_static: input smoothing strength alpha in [0, 1], or 'auto'."}
     )
     compute_dtype: str = field(
         default="auto",
@@ -150,12 +164,17 @@ class WeightQuantizationConfig(TechniqueConfig):
         if not isinstance(self.algorithm, str) or self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}.")
         if not isinstance(self.activations, (str, type(None))) or self.activations not in _ACTIVATIONS:
-            raise ValueError(f"activations must be None or 'int8_dynamic', got {self.activations!r}.")
-        if self.activations == "int8_dynamic" and (self.bits != 8 or self.symmetric is False):
             raise ValueError(
-                "activations='int8_dynamic' multiplies int8 by int8, so it needs bits=8 with symmetric scales; "
-                f"got bits={self.bits}, symmetric={self.symmetric}."
+                f"activations must be None, 'int8_dynamic' or 'int8_static', got {describe(self.activations)}."
             )
+        if self.activations is not None and (self.bits != 8 or self.symmetric is False):
+            raise ValueError(
+                f"activations={self.activations!r} multiplies int8 by int8, so it needs bits=8 with symmetric "
+                f"scales; got bits={self.bits}, symmetric={self.symmetric}."
+            )
+        if self.smoothing != "auto":
+            check_number("smoothing", self.smoothing, low=0.0, high=1.0,
+                         hint=" Use 'auto' (chosen per layer) or an alpha such as 0.5; 0 turns smoothing off.")  # fmt: skip
         if not isinstance(self.compute_dtype, str) or self.compute_dtype not in _DTYPES:
             raise ValueError(f"compute_dtype must be one of {_DTYPES}, got {self.compute_dtype!r}.")
         damp_hint = " It is GPTQ's damping, a fraction of the mean Hessian diagonal (default 0.01)."

@@ -20,6 +20,7 @@ from .config import ModuleSpec, WeightQuantizationConfig
 from .convert import new_module, quantize_into
 from .layers import QuantEmbedding, QuantLinear
 from .mmap_pages import drop_pages, in_checkpoint_mmap, trim_heap
+from .static_activations import calibrate_static_inputs, smoothed_weights
 
 
 if TYPE_CHECKING:
@@ -175,16 +176,26 @@ def apply(model: PreTrainedModel, config: WeightQuantizationConfig, calibration_
         config = dataclasses.replace(config, algorithm="gptq" if calibration_data is not None else "mse")
     specs = plan(model, config)
     compute_dtype = config.compute_dtype_for(_device(model))
-    if config.algorithm == "gptq":
-        from .gptq import gptq_quantize
+    static = None
+    if config.activations == "int8_static":  # calibrated on the float model, before any weight is rounded
+        static = calibrate_static_inputs(
+            model, [n for n, spec in specs.items() if spec.kind != "embedding" and spec.bits == 8 and spec.symmetric],
+            calibration_data, smoothing=config.smoothing, max_samples=config.calibration_samples,
+            dtype=config.scale_dtype,
+        )  # fmt: skip
+    with smoothed_weights(model, static):  # the smoothed weights are the ones quantized
+        if config.algorithm == "gptq":
+            from .gptq import gptq_quantize
 
-        gptq_quantize(model, specs, config, calibration_data)
-    else:
-        for name, spec in specs.items():
-            module = model.get_submodule(name)
-            new = new_module(module, spec, config, module.weight.device, compute_dtype)
-            quantize_into(new, module.weight, getattr(module, "bias", None), spec, config, name)
-            replace_module(model, name, new)
+            gptq_quantize(model, specs, config, calibration_data)
+        else:
+            for name, spec in specs.items():
+                module = model.get_submodule(name)
+                new = new_module(module, spec, config, module.weight.device, compute_dtype)
+                quantize_into(new, module.weight, getattr(module, "bias", None), spec, config, name)
+                replace_module(model, name, new)
+    for name, plan_ in (static or {}).items():
+        model.get_submodule(name).set_static_input(plan_.multiplier, plan_.scale, plan_.zero_point)
     cast_floats(model, compute_dtype)
     modules = {stored_name(model, name): spec.to_list() for name, spec in specs.items()}
     return dataclasses.replace(config, modules=modules)
@@ -215,6 +226,12 @@ def quantize_on_load(config: WeightQuantizationConfig) -> _OnLoadHandler:
         raise ValueError(
             "algorithm='gptq' needs calibration data and the whole model; it cannot run while loading. Use "
             "algorithm='mse' (calibration-free) on load, or load the model and call apply_compression(...)."
+        )
+    if config.activations == "int8_static":
+        raise ValueError(
+            "activations='int8_static' calibrates input scales on real data and cannot run while loading. Load the "
+            "model and call apply_compression(model, config, calibration_data=texts), or use "
+            "activations='int8_dynamic' on load."
         )
     if config.algorithm == "auto":
         config = dataclasses.replace(config, algorithm="mse")

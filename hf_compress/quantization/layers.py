@@ -141,7 +141,10 @@ class QuantLinear(_QuantizedBuffers):
         bits (`int`, *optional*, defaults to `8`): 8 or 4.
         group_size (`int`, *optional*): input features per scale; the whole row when omitted.
         symmetric (`bool`, *optional*, defaults to `True`): without zero offsets.
-        activations (`str`, *optional*): ``"int8_dynamic"`` for int8 x int8 matmuls with per-token scales.
+        activations (`str`, *optional*): ``"int8_dynamic"`` for int8 x int8 matmuls with per-token scales;
+            ``"int8_static"`` for calibrated uint8 inputs: the layer then holds ``input_multiplier`` (per input
+            feature, the inverse of the smoothing factors its weight was multiplied by), ``input_scale`` and
+            ``input_zero_point`` (one each), and fake-quantizes its input with them (`set_static_input`).
         dtype (`torch.dtype`, *optional*, defaults to `torch.bfloat16`): dtype of the scales.
         compute_dtype (`torch.dtype`, *optional*): dtype of the matmuls and of the bias; defaults to `dtype`.
         device (`torch.device`, *optional*): where to allocate (``"meta"`` for a skeleton).
@@ -173,6 +176,11 @@ class QuantLinear(_QuantizedBuffers):
         self.bits, self.group_size = bits, group_size or in_features
         self.activations = activations
         self._allocate(out_features, in_features, symmetric, dtype, device, compute_dtype)
+        if activations == "int8_static":
+            # In the scales' dtype, like `weight_scale` (transformers loads float buffers in the model's dtype).
+            self.register_buffer("input_multiplier", torch.ones(in_features, dtype=dtype, device=device))
+            self.register_buffer("input_scale", torch.ones(1, dtype=dtype, device=device))
+            self.register_buffer("input_zero_point", torch.zeros(1, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=self.compute_dtype, device=device)) if bias else None
 
     @classmethod
@@ -217,8 +225,30 @@ class QuantLinear(_QuantizedBuffers):
         return layer
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The float ``[out, in]`` weight this layer represents (in `dtype`, default the compute dtype)."""
+        """The float ``[out, in]`` weight this layer stores (in `dtype`, default the compute dtype). With
+        ``activations="int8_static"`` it multiplies the smoothed input ``x * input_multiplier``."""
         return dequantized_weight(self, dtype)
+
+    @torch.no_grad()
+    def set_static_input(self, multiplier: torch.Tensor, scale: float, zero_point: int) -> None:
+        """The calibrated input quantization of an ``"int8_static"`` layer: ``x * multiplier`` is rounded to
+        ``clamp(round(. / scale) + zero_point, 0, 255)`` and back (what ONNX QuantizeLinear/DequantizeLinear do)."""
+        if self.activations != "int8_static":
+            raise ValueError(f"set_static_input needs activations='int8_static'; this layer has {self.activations!r}.")
+        if not 0 <= zero_point <= 255 or not scale > 0:
+            raise ValueError(f"Static input quantization needs scale > 0 and 0 <= zero_point <= 255; got "
+                             f"scale={scale}, zero_point={zero_point}.")  # fmt: skip
+        self.input_multiplier.copy_(multiplier)
+        self.input_scale.fill_(float(scale))
+        self.input_zero_point.fill_(int(zero_point))
+
+    def quantize_input(self, x2: torch.Tensor) -> torch.Tensor:
+        """The input as the int8 matmul sees it: smoothed and fake-quantized (``"int8_static"``), else unchanged."""
+        if self.activations != "int8_static":
+            return x2
+        smoothed = x2.float() * self.input_multiplier.float()
+        zero = self.input_zero_point.round().to(torch.int32)
+        return torch.fake_quantize_per_tensor_affine(smoothed, self.input_scale.float(), zero, 0, 255).to(x2.dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -227,7 +257,7 @@ class QuantLinear(_QuantizedBuffers):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute = self.compute_dtype
-        x2 = x.reshape(-1, self.in_features).to(compute)
+        x2 = self.quantize_input(x.reshape(-1, self.in_features).to(compute))
         bias = None if self.bias is None else self.bias.to(compute)
         if torch.is_grad_enabled() and (x2.requires_grad or (bias is not None and bias.requires_grad)):
             out = _QuantMatmul.apply(x2, self)
