@@ -70,6 +70,18 @@ def _nncf_static(fp32_folder: Path, out: Path, texts: list[str], tokenizer):
     return load_exported(out, threads=THREADS, exact=False)
 
 
+def _budget_model(folder: Path, calibration: list[str]):
+    """`compress(budget="10x")` on MiniLM, exported to OpenVINO next to the saved folder."""
+    from transformers import AutoModel
+
+    from hf_compress import compress
+    from hf_compress.data import minilm_path
+
+    compress(str(minilm_path()), budget="10x", calibration_data=calibration, output_dir=str(folder),
+             export="openvino", measure=False)  # fmt: skip
+    return AutoModel.from_pretrained(folder).eval()
+
+
 def _disk(folder: Path) -> int:
     names = ("model.onnx", "model.onnx.data", "openvino_model.xml", "openvino_model.bin")
     return sum((folder / n).stat().st_size for n in names if (folder / n).is_file())
@@ -104,7 +116,7 @@ def main() -> None:
     quantized = {}
     for label, kwargs, data in (
         ("int8", dict(bits=8), None),  # no calibration: the data-free error-minimising search
-        ("int4 g32", dict(bits=4, group_size=32), None),
+        ("int4 g32", dict(bits=4, group_size=32), calibration),  # GPTQ
         ("int8 static act.", dict(bits=8, activations="int8_static"), calibration),  # GPTQ + calibrated inputs
     ):
         model = copy.deepcopy(base)
@@ -132,6 +144,10 @@ def main() -> None:
     add("OpenVINO NNCF int8 static (calibrated)",
         lambda: _nncf_static(tmp / "openvino-fp32", tmp / "nncf-static", calibration, tokenizer),
         tmp / "nncf-static")  # fmt: skip
+    if not args.fast:  # the one-call budget model (pruned, factorized, quantized) and its OpenVINO export
+        add("hf_compress --budget 10x (PyTorch)", lambda: _budget_model(tmp / "budget", calibration))
+        add("OpenVINO hf_compress --budget 10x, engine defaults",
+            lambda: load_exported(tmp / "budget-openvino", threads=THREADS, exact=False), tmp / "budget-openvino")
     rows = run_benchmark(variants, config, reference=("fp32 (eager torch)", base), tokenizer=tokenizer)
     print(format_table(rows, "Deployment engines on MiniLM (batch 32 x 128, 2 threads)"))
     for line in failures:
