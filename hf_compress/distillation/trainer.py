@@ -265,6 +265,9 @@ class DistillationTrainer(CheckpointExtrasTrainer):
                     param.grad /= self.accelerator.num_processes
         return loss
 
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return [] if self.projections is None else list(self.projections.parameters())
+
     def save_extra_state(self, output_dir: str) -> None:
         """The projections go into each checkpoint next to the optimizer (see `CheckpointExtrasTrainer`)."""
         if self.projections is not None and self.args.should_save:
@@ -283,7 +286,8 @@ class DistillationTrainer(CheckpointExtrasTrainer):
                 )
             from safetensors.torch import load_file
 
-            self.projections.load_state_dict(load_file(path, device=str(self.accelerator.device)))
+            device = self.accelerator.device  # "cpu:0" under accelerate's multi-CPU launch: safetensors wants "cpu"
+            self.projections.load_state_dict(load_file(path, device="cpu" if device.type == "cpu" else str(device)))
 
     # -- logging -----------------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -25,6 +25,7 @@ Checked on transformers 5.23 and 5.24, accelerate 1.15, torch 2.13:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -33,7 +34,10 @@ from torch import nn
 from transformers import Trainer
 
 
-__all__ = ["CheckpointExtrasTrainer", "check_fsdp_compatible", "fsdp_version"]
+__all__ = ["CheckpointExtrasTrainer", "EXTRA_OPTIMIZER_NAME", "check_fsdp_compatible", "fsdp_version"]
+
+# Under FSDP: the optimizer state of `CheckpointExtrasTrainer.extra_parameters`, next to optimizer.bin.
+EXTRA_OPTIMIZER_NAME = "extra_optimizer_state.pt"
 
 
 class CheckpointExtrasTrainer(Trainer):
@@ -50,27 +54,76 @@ class CheckpointExtrasTrainer(Trainer):
     def load_extra_state(self, checkpoint: str | None) -> None:
         """Read it back when resuming from `checkpoint` (before the optimizer and scheduler; None: a fresh run)."""
 
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Parameters outside the model that the optimizer trains too (e.g. distillation projections)."""
+        return []
+
     # transformers 5.23/5.24: private; called from `_save_checkpoint`.
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if self._fsdp1_full_state_dict_on_cpu():
-            # The FSDP copy of the model for resuming: accelerate's save_fsdp_model forces offload_to_cpu=True
-            # (see save_model); transformers calls it by its name in transformers.trainer.
-            import transformers.trainer as trainer_module
+        with self._optimizer_without_extras() as extras:
+            if self._fsdp1_full_state_dict_on_cpu():
+                # The FSDP copy of the model for resuming: accelerate's save_fsdp_model forces offload_to_cpu=True
+                # (see save_model); transformers calls it by its name in transformers.trainer.
+                import transformers.trainer as trainer_module
 
-            original = trainer_module.save_fsdp_model
-            trainer_module.save_fsdp_model = _save_fsdp1_model_on_cpu
-            try:
+                original = trainer_module.save_fsdp_model
+                trainer_module.save_fsdp_model = _save_fsdp1_model_on_cpu
+                try:
+                    super()._save_optimizer_and_scheduler(output_dir)
+                finally:
+                    trainer_module.save_fsdp_model = original
+            else:
                 super()._save_optimizer_and_scheduler(output_dir)
-            finally:
-                trainer_module.save_fsdp_model = original
-        else:
-            super()._save_optimizer_and_scheduler(output_dir)
+        if extras is not None and self.args.should_save:
+            torch.save(extras, os.path.join(output_dir, EXTRA_OPTIMIZER_NAME))
         self.save_extra_state(output_dir)
 
     # transformers 5.23/5.24: private; called from `train(resume_from_checkpoint=...)`.
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         self.load_extra_state(checkpoint)
-        super()._load_optimizer_and_scheduler(checkpoint)
+        with self._optimizer_without_extras() as extras:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        if extras is not None and checkpoint is not None:
+            path = os.path.join(checkpoint, EXTRA_OPTIMIZER_NAME)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{checkpoint} has no {EXTRA_OPTIMIZER_NAME} (the optimizer state of the parameters outside the "
+                    "FSDP model): it was not written by this trainer under FSDP, so the run cannot resume exactly."
+                )
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            extras = {id(p) for p in self.extra_parameters()}
+            groups = [g for g in inner.param_groups if any(id(p) in extras for p in g["params"])]
+            for group, hyperparameters in zip(groups, saved["groups"]):
+                group.update(hyperparameters)  # the lr the schedule had reached, not the one at creation
+            for param, state in zip(self.extra_parameters(), saved["state"]):
+                # moments go to the parameter's device; "step" stays on CPU, as Optimizer.load_state_dict does
+                if state:
+                    inner.state[param] = {k: v.to(param.device) if k != "step" else v for k, v in state.items()}
+
+    @contextlib.contextmanager
+    def _optimizer_without_extras(self):
+        """Under FSDP, hide `extra_parameters` from the optimizer while it is saved or loaded.
+
+        torch's FSDP optimizer state dicts name every parameter by its place in the model and fail on any other
+        (a bare ``KeyError: <index>``); these are saved beside, in ``EXTRA_OPTIMIZER_NAME``. Yields their state.
+        """
+        extras = {id(p) for p in self.extra_parameters()}
+        if not (self.is_fsdp_enabled and extras and self.optimizer is not None):
+            yield None
+            return
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        groups = [g for g in inner.param_groups if any(id(p) in extras for p in g["params"])]
+        if any(id(p) not in extras for g in groups for p in g["params"]):
+            raise ValueError("Parameters outside the model must be in optimizer param groups of their own.")
+        state = {p: inner.state.pop(p) for p in list(inner.state) if id(p) in extras}
+        inner.param_groups[:] = [g for g in inner.param_groups if g not in groups]
+        try:
+            hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in groups]  # lr, betas, ...
+            yield {"state": [state.get(p, {}) for p in self.extra_parameters()], "groups": hyperparameters}
+        finally:
+            inner.param_groups.extend(groups)
+            inner.state.update(state)
 
     def _fsdp1_full_state_dict_on_cpu(self) -> bool:
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
