@@ -97,6 +97,11 @@ def test_fsdp_distillation_matches_one_process(runs, mode, version):
     torch.testing.assert_close(torch.tensor(sharded["projections"]), torch.tensor(one["projections"]), atol=1e-4,
                                rtol=1e-4)  # fmt: skip
     assert one["logs"][-1]["loss"] < one["logs"][0]["loss"]
+    # Resuming from the step-3 checkpoint continues exactly (steps 4-6 as in the uninterrupted run).
+    resumed = record(runs, mode, "distill-resumed")["logs"]
+    assert [h["step"] for h in resumed] == [h["step"] for h in sharded["logs"]]
+    torch.testing.assert_close(torch.tensor([h["loss"] for h in resumed]),
+                               torch.tensor([h["loss"] for h in sharded["logs"]]), rtol=1e-5, atol=1e-6)  # fmt: skip
     # save_model gathered the full student on rank 0: it reloads with plain from_pretrained.
     reloaded = AutoModelForSequenceClassification.from_pretrained(runs / mode / "distill" / "final")
     reference = AutoModelForSequenceClassification.from_pretrained(runs / "one" / "distill" / "final")

@@ -88,14 +88,20 @@ def distill(out: Path, world: int) -> None:
     teacher = tiny(32, seed=1).eval()
     with torch.no_grad():  # peaked outputs, so the soft targets carry information
         teacher.classifier.weight.mul_(20)
-    args = arguments(
-        out, "distill", world, DistillationArguments, alpha_kl=1.0, alpha_task=0.5, alpha_cos=1.0, temperature=2.0
-    )
+    losses = dict(alpha_kl=1.0, alpha_task=0.5, alpha_cos=1.0, temperature=2.0)
+    args = arguments(out, "distill", world, DistillationArguments, save_strategy="steps", save_steps=3, **losses)
     run(
         DistillationTrainer(model=tiny(16, seed=2), teacher=teacher, args=args, train_dataset=dataset()),
         out,
         "distill",
     )
+    # Resume a fresh student from the step-3 checkpoint (sharded model, optimizer, projections and their state).
+    args = arguments(out, "distill-resumed", world, DistillationArguments, **losses)
+    trainer = DistillationTrainer(model=tiny(16, seed=5), teacher=teacher, args=args, train_dataset=dataset())
+    trainer.train(resume_from_checkpoint=str(out / "distill" / "run" / "checkpoint-3"))
+    if trainer.accelerator.is_main_process:
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        (out / "distill-resumed.json").write_text(json.dumps({"logs": logs}))
 
 
 def pruned(out: Path, world: int) -> None:
