@@ -33,7 +33,7 @@ from bench.harness import cache_dir
 from hf_compress.data import debian_dataset_path, load_debian
 
 
-__all__ = ["LMSpec", "SPECS", "QUICK_SPECS", "train_or_load", "debian_texts", "token_stream", "windows", "perplexity"]
+__all__ = ["LMSpec", "SPECS", "QUICK_SPECS", "train_or_load", "debian_texts", "log_probs", "kl_to_reference", "token_stream", "windows", "perplexity"]
 
 EOS = "<|endoftext|>"
 PAD = "<pad>"
@@ -185,6 +185,24 @@ def train_or_load(spec: LMSpec, root: Path | None = None, progress: bool = True)
               "threads": torch.get_num_threads()}  # fmt: skip
     record_path.write_text(json.dumps(record, indent=2))  # written last: a folder without it is retrained
     return folder, record
+
+
+@torch.inference_mode()
+def log_probs(model: torch.nn.Module, data: torch.Tensor, batch: int = 16) -> torch.Tensor:
+    """Float32 next-token log-probabilities ``[windows, seq - 1, vocab]`` of `model` on the `data` windows."""
+    out = [model(input_ids=data[s : s + batch]).logits[:, :-1].float().log_softmax(-1) for s in range(0, len(data), batch)]
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def kl_to_reference(model: torch.nn.Module, data: torch.Tensor, reference: torch.Tensor, batch: int = 16) -> float:
+    """Mean over positions of KL(reference || model) in nats, `reference` from `log_probs` on the same `data`."""
+    total = 0.0
+    for start in range(0, len(data), batch):
+        logq = model(input_ids=data[start : start + batch]).logits[:, :-1].float().log_softmax(-1)
+        logp = reference[start : start + batch]
+        total += (logp.exp() * (logp - logq)).sum().item()
+    return total / (reference.shape[0] * reference.shape[1])
 
 
 @torch.inference_mode()

@@ -25,15 +25,26 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.harness import disk_bytes, format_table
-from bench.lm import QUICK_SPECS, SPECS, LMSpec, debian_texts, perplexity, token_stream, train_or_load, windows
+from bench.lm import (
+    QUICK_SPECS,
+    SPECS,
+    LMSpec,
+    debian_texts,
+    kl_to_reference,
+    log_probs,
+    perplexity,
+    token_stream,
+    train_or_load,
+    windows,
+)
 from hf_compress import apply_compression
 from hf_compress.pruning import HeadPruningConfig
 from hf_compress.quantization import WeightQuantizationConfig
 from hf_compress.quantization.kernels import preferred_compute_dtype
-from hf_compress.utils import model_bytes
 
 
 class Unavailable(Exception):
@@ -129,7 +140,8 @@ def _bnb_nf4(ctx: Context) -> nn.Module:
 
     compute = preferred_compute_dtype("cpu")
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
-    return AutoModelForCausalLM.from_pretrained(ctx.folder, quantization_config=config, device_map="cpu").eval()
+    return AutoModelForCausalLM.from_pretrained(ctx.folder, quantization_config=config, device_map="cpu",
+                                                dtype=compute).eval()  # fmt: skip
 
 
 def _torchao_int4(group: int) -> Callable[[Context], nn.Module]:
@@ -198,28 +210,53 @@ def variants(quick: bool) -> dict[str, Callable[[Context], nn.Module]]:
     return table
 
 
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds; a wrapper subclass (torchao's quantized weights) is sized by its inner tensors."""
+    flatten = getattr(type(tensor), "__tensor_flatten__", None)
+    if flatten is not None and type(tensor) not in (torch.Tensor, nn.Parameter):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def _model_bytes(model: nn.Module) -> int:
+    """`hf_compress.utils.model_bytes`, but sizing tensor subclasses by what they store."""
+    seen, total = set(), 0
+    for tensor in model.state_dict(keep_vars=True).values():
+        if torch.is_tensor(tensor) and id(tensor) not in seen:
+            seen.add(id(tensor))
+            total += _tensor_bytes(tensor.data if isinstance(tensor, nn.Parameter) else tensor)
+    return total
+
+
 def _reason(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0][:200] if text else ''}"
 
 
 def run_model(spec: LMSpec, names: list[str], table: dict, quick: bool, eval_windows: int | None,
-              calibration_samples: int, progress: bool = True) -> tuple[list[dict[str, Any]], dict]:  # fmt: skip
+              calibration_samples: int, progress: bool = True, kl_windows: int = 64) -> tuple[list[dict[str, Any]], dict]:  # fmt: skip
     """Train (or load) one model and measure every variant in `names`; rows for `format_table`."""
     folder, record = train_or_load(spec, progress=progress)
     train = debian_texts("train")
     calibration = train[:calibration_samples]
-    recovery = train[calibration_samples : calibration_samples + (64 if quick else 2400)]
-    ctx = Context(folder, calibration, recovery, recovery_steps=4 if quick else 150)
+    recovery = train[calibration_samples : calibration_samples + (64 if quick else 1600)]
+    ctx = Context(folder, calibration, recovery, recovery_steps=4 if quick else 100)
     data = windows(token_stream(ctx.tokenizer, debian_texts("test")), spec.seq, eval_windows)
-    rows, reference, ref_bytes = [], None, None
-    for name in names:
+    kl_data = windows(token_stream(ctx.tokenizer, debian_texts("test")), spec.seq, kl_windows)
+    rows, reference, ref_bytes, ref_logp = [], None, None, None
+    bar = tqdm(names, desc=spec.family, disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
         row: dict[str, Any] = {"model": spec.family, "variant": name}
         start = time.perf_counter()
         try:
             model = table[name](ctx)
             built = time.perf_counter() - start
             ppl = perplexity(model, data, progress=progress)
+            if name == "fp32":
+                ref_logp = log_probs(model, kl_data)
+            kl = kl_to_reference(model, kl_data, ref_logp) if ref_logp is not None else None
         except Unavailable as err:
             rows.append({**row, "ppl": f"n/a ({err})"})
             continue
@@ -227,11 +264,12 @@ def run_model(spec: LMSpec, names: list[str], table: dict, quick: bool, eval_win
             traceback.print_exc(limit=2)
             rows.append({**row, "ppl": f"n/a (cannot run here: {_reason(err)})"})
             continue
-        size = model_bytes(model)
+        size = _model_bytes(model)
         if name == "fp32":
             reference, ref_bytes = ppl, size
         disk = disk_bytes(model) if not name.startswith("peer") or "bitsandbytes" in name else None
         row.update({"ppl": ppl, "ppl vs fp32": ppl / reference if reference else None,
+                    "KL to fp32 (nats/token)": f"{kl:.3g}" if kl is not None else None,
                     "memory (MB)": size / 1e6, "bytes vs fp32": size / ref_bytes if ref_bytes else None,
                     "disk (MB)": disk / 1e6 if disk else None, "build (s)": built})  # fmt: skip
         rows.append(row)
@@ -273,7 +311,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     all_rows, notes = [], []
     for family in families:
         rows, record = run_model(specs[family], names, table, args.quick, eval_windows, calibration,
-                                 progress=not args.no_progress)  # fmt: skip
+                                 progress=not args.no_progress, kl_windows=8 if args.quick else 64)  # fmt: skip
         all_rows.extend(rows)
         notes.append(
             f"- {specs[family].name}: {record['spec']['steps']} steps x {record['spec']['batch']} x "
