@@ -164,8 +164,8 @@ class CheckpointExtrasTrainer(Trainer):
         if fsdp_on_cpu:
             _enable_fsdp_on_cpu(self)
         if self.is_fsdp_enabled and self.model is not None:
-            check_fsdp_compatible(self.model, self.accelerator.state.fsdp_plugin)
             _fsdp2_layer_classes(self.model, self.accelerator.state.fsdp_plugin)
+            check_fsdp_compatible(self.model, self.accelerator.state.fsdp_plugin)
 
 
 def fsdp_version(trainer: Trainer) -> int | None:
@@ -178,14 +178,24 @@ def check_fsdp_compatible(model: nn.Module, plugin) -> None:
     """Raise a clear error for a model FSDP `plugin` cannot shard; say which setting can.
 
     hf_compress keeps packed int8/int4 weights as buffers, which FSDP never flattens or shards: they stay whole
-    (and frozen) on every process, and only floating-point parameters are sharded. What fails is FSDP1's flat
-    parameters: one per wrapped unit, needing a single dtype, and (unless ``use_orig_params``) a single
-    ``requires_grad`` (LoRA adapters next to frozen weights).
+    (and frozen) on every process, and only floating-point parameters are sharded. What fails: FSDP1 and FSDP2 both
+    need one dtype per wrapped unit (each transformer layer, and the rest of the model), FSDP1 also (unless
+    ``use_orig_params``) one ``requires_grad`` (LoRA adapters next to frozen weights), and PEFT adapters under FSDP1.
     """
     version = int(getattr(plugin, "fsdp_version", 1))
     params = [(name, p) for name, p in model.named_parameters()]
     if not params:
         raise ValueError(f"{type(model).__name__} has no parameters for FSDP to shard.")
+    for unit, unit_params in _wrapped_units(model, plugin):
+        dtypes = sorted({str(p.dtype) for _, p in unit_params})
+        if len(dtypes) > 1:
+            examples = {str(p.dtype): name for name, p in unit_params}
+            raise ValueError(
+                f"FSDP{version} needs one parameter dtype per wrapped unit, but {unit} mixes {dtypes} (e.g. "
+                f"{examples}). Quantized layers keep their bias in their compute dtype: load the model in that dtype "
+                "(from_pretrained(..., dtype=torch.bfloat16)) or cast it (model.to(torch.bfloat16)); FSDP's "
+                "mixed_precision then sets the compute dtype."
+            )
     if version != 1:
         return
     if hasattr(model, "peft_config"):
@@ -195,16 +205,6 @@ def check_fsdp_compatible(model: nn.Module, plugin) -> None:
             "PEFT adapters cannot be saved correctly under FSDP1 (the saved adapter would lack its LoRA weights: "
             "peft 0.21.2 looks them up under FSDP1's wrapped module names). Use FSDP2: fsdp_version: 2 in the "
             "accelerate config, or fsdp_config={'version': 2} in TrainingArguments."
-        )
-    dtypes = sorted({str(p.dtype) for _, p in params})
-    if len(dtypes) > 1:
-        examples = {str(p.dtype): name for name, p in params}
-        raise ValueError(
-            f"FSDP1 flattens the parameters of each wrapped unit into one tensor of a single dtype, but this model "
-            f"mixes {dtypes} (e.g. {examples}). Quantized layers keep their bias in their compute dtype: load the "
-            "model with dtype=<that compute dtype> (from_pretrained(..., dtype=torch.bfloat16)), or use FSDP2 "
-            "(fsdp_version: 2 in the accelerate config, fsdp_config={'version': 2}), which shards each parameter "
-            "on its own."
         )
     trainable = {p.requires_grad for _, p in params}
     if len(trainable) > 1 and not getattr(plugin, "use_orig_params", False):
@@ -216,6 +216,24 @@ def check_fsdp_compatible(model: nn.Module, plugin) -> None:
             "parameter. Set fsdp_use_orig_params: true (fsdp_config={'use_orig_params': True}), or use FSDP2 "
             "(fsdp_version: 2)."
         )
+
+
+def _wrapped_units(model: nn.Module, plugin) -> list[tuple[str, list]]:
+    """(description, named parameters) of each FSDP unit: one per transformer layer and the rest, as auto-wrapped."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT
+    names = set()
+    if getattr(plugin, "auto_wrap_policy", None) is transformer_auto_wrap_policy:
+        names = set(plugin.transformer_cls_names_to_wrap or getattr(base, "_no_split_modules", None) or [])
+    units, inside = [], set()
+    for name, module in model.named_modules():
+        if type(module).__name__ in names and not any(name.startswith(f"{u}.") for u in inside):
+            inside.add(name)
+            units.append((f"the unit {name!r} ({type(module).__name__})", list(module.named_parameters(name))))
+    owned = {id(p) for _, unit in units for _, p in unit}
+    rest = [(n, p) for n, p in model.named_parameters() if id(p) not in owned]
+    return [*units, ("the model outside its wrapped layers" if units else "the model", rest)]
 
 
 def _fsdp2_layer_classes(model: nn.Module, plugin) -> None:

@@ -145,16 +145,31 @@ def test_fsdp1_refuses_peft_adapters_it_could_not_save(runs):
 
 
 class _Plugin:
-    def __init__(self, version: int, use_orig_params: bool = True):
+    def __init__(self, version: int, use_orig_params: bool = True, layers: list[str] | None = None):
+        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
         self.fsdp_version, self.use_orig_params = version, use_orig_params
+        self.auto_wrap_policy, self.transformer_cls_names_to_wrap = transformer_auto_wrap_policy, layers
+
+
+class _Layer(nn.Linear):
+    pass
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_fsdp_unit_dtype_errors_name_the_fix(version):
+    # a quantized layer's bias in bf16 inside an fp32 layer: one wrapped unit with two dtypes
+    mixed = nn.Sequential(_Layer(4, 4), nn.Linear(4, 4).to(torch.bfloat16))
+    with pytest.raises(ValueError, match=r"mixes \['torch.bfloat16', 'torch.float32'\].*dtype=torch.bfloat16"):
+        check_fsdp_compatible(mixed, _Plugin(version))
+    # ...fine when each dtype is its own unit (the bf16 layer wrapped on its own, the rest fp32)
+    split = nn.Sequential(nn.Linear(4, 4), _Layer(4, 4).to(torch.bfloat16))
+    check_fsdp_compatible(split, _Plugin(version, layers=["_Layer"]))
 
 
 def test_fsdp1_flat_parameter_errors_name_the_fix():
-    mixed = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4).to(torch.bfloat16))
-    with pytest.raises(ValueError, match=r"mixes \['torch.bfloat16', 'torch.float32'\].*FSDP2"):
-        check_fsdp_compatible(mixed, _Plugin(1))
-    check_fsdp_compatible(mixed, _Plugin(2))  # FSDP2 shards each parameter on its own
     frozen = nn.Sequential(nn.Linear(4, 4).requires_grad_(False), nn.Linear(4, 4))
     with pytest.raises(ValueError, match="use_orig_params: true"):
         check_fsdp_compatible(frozen, _Plugin(1, use_orig_params=False))
     check_fsdp_compatible(frozen, _Plugin(1, use_orig_params=True))
+    check_fsdp_compatible(frozen, _Plugin(2, use_orig_params=False))  # FSDP2 keeps each parameter's own flag
