@@ -30,7 +30,9 @@ _README = {
 
 `model.onnx` (opset 21) takes {inputs} and returns `{output}`. Quantized weights are stored as our exact INT8 / INT4
 integers with float32 scales (`DequantizeLinear`, block-wise for grouped scales), plus float zero offsets for
-asymmetric layers.
+asymmetric layers. Layers quantized with `activations="int8_static"` take their input through a per-channel `Mul`
+(the smoothing) and a `QuantizeLinear` / `DequantizeLinear` pair with calibrated constant uint8 scales: ONNX Runtime
+runs them as int8 matmuls.
 
 ```python
 import onnxruntime as ort
@@ -51,7 +53,9 @@ Or `hf_compress.export.load_exported(".")`, which wraps the same session.
     "openvino": """# OpenVINO export (hf_compress)
 
 `openvino_model.xml` / `.bin` take {inputs} and return `{output}`. Quantized weights are OpenVINO compressed
-weights (i8 / i4 constants with float32 scales); other constants are float32.
+weights (i8 / i4 constants with float32 scales); other constants are float32. Layers quantized with
+`activations="int8_static"` have calibrated uint8 inputs (FakeQuantize): the CPU plugin runs them as u8 x i8
+matmuls, with or without the hints below.
 
 ```python
 import openvino as ov
