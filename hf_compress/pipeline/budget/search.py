@@ -205,7 +205,12 @@ def search_budget(model: nn.Module, budget: float | str, *, calibration_data: An
     task_before = _task_scores(original, task_batches, labels) if task_batches else None
     structures: dict[tuple, nn.Module] = {}
     measured: list[Candidate] = []
-    for cand in _measure_order(fitting, max_measured):
+    queue = _measure_order(fitting, len(fitting))
+    while queue and len(measured) < max_measured:
+        cand = queue.pop(0)
+        if target_latency is not None and cand.estimated_latency * _correction(measured) > (
+                LATENCY_MARGIN * target_latency):  # fmt: skip
+            continue  # the measurements so far say this one would be too slow
         if cand.structure not in structures:
             structures[cand.structure] = _build_structure(original, cand, calibration_data, tokenizer)
         trial = copy.deepcopy(structures[cand.structure])
@@ -256,6 +261,7 @@ def search_budget(model: nn.Module, budget: float | str, *, calibration_data: An
         "task_before": task_before,
         "grid_size": len(grid),
         "grid_fitting": len(fitting),
+        "latency_correction": _correction(measured) if target_latency is not None else None,
         "summary": (
             f"target {wanted} ({sizes['bytes'] / target:.1f}x smaller); {len(fitting)} of {len(grid)} settings fit "
             f"by estimate, {len(measured)} measured; chose {best.name}: {best.measured_bytes / 1e6:.2f} MB, latency "
@@ -264,6 +270,15 @@ def search_budget(model: nn.Module, budget: float | str, *, calibration_data: An
         ),
     }
     return [*best.structure_configs(), best.quant_config()], choice
+
+
+def _correction(measured: list[Candidate]) -> float:
+    """Measured / estimated latency of the candidates timed so far (median; 1 before any): the estimate counts
+    multiply-adds, and what pruning buys in time on this machine is learnt from the first measurements."""
+    import statistics
+
+    ratios = [c.latency / c.estimated_latency for c in measured if c.latency and c.estimated_latency]
+    return statistics.median(ratios) if ratios else 1.0
 
 
 def _x(value: float | None) -> str:
