@@ -218,6 +218,8 @@ def cached_checkpoint(config_kwargs: dict, name: str) -> tuple[Path, int]:
 
 def calibrated(args: argparse.Namespace) -> None:
     kwargs, name = (LLAMA_SMALL, "llama-110m-fp32") if args.small else (LLAMA_1B, "llama-1.1b-fp32")
+    if args.layers is not None:  # same widths, fewer layers: peak memory is per layer (a quicker check)
+        kwargs, name = {**kwargs, "num_hidden_layers": args.layers}, f"{name}-{args.layers}layers"
     path, params = cached_checkpoint(kwargs, name)
     fp32_bytes = sum(p.stat().st_size for p in path.glob("*.safetensors"))
     with tempfile.TemporaryDirectory(prefix="hf_compress_calibrated_") as tmp:
@@ -259,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--activation-memory", default="auto",
                         help="--calibrated: max_activation_bytes: 'auto', 'none' or bytes (0: on disk)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="--calibrated: torch threads (default 2)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="--calibrated: build the checkpoint with this many layers (same widths; quicker)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.calibrated:
         calibrated(args)

@@ -172,6 +172,8 @@ def run_sequential(model: nn.Module, step: LayerStep, calibration: Calibration, 
     try:
         batches = list(calibration.batches(model, batch_size=batch_size, max_samples=max_samples))
         inputs = capture_inputs(model, layers, batches, store)
+        embedding = getattr(model.get_input_embeddings(), "weight", None) if adapter.embeddings else None
+        release_weights([embedding] if embedding is not None else [])  # its looked-up pages; read again at the end
         home = store[0].device
         for index in tqdm(range(len(layers)), desc="sequential calibration", unit="layer", disable=not progress):
             prefix, layer = adapter.layer_prefix(model, index), layers[index]

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..quantization.algorithms import QuantizedWeight
 from ..quantization.config import WeightQuantizationConfig
 from ..quantization.convert import new_module, quantize_into
 from ..quantization.gptq import gptq_weight
 from ..quantization.hooks import cast_floats, plan, stored_name
-from ..quantization.mmap_pages import drop_pages, in_checkpoint_mmap
+from ..quantization.mmap_pages import drop_pages, in_checkpoint_mmap, trim_heap
 from ..utils import replace_module
 
 
@@ -103,7 +104,7 @@ class GPTQStep(LayerStep):
         new = new_module(module, spec, self.config, module.weight.device, module.weight.dtype)
         weight = module.weight.t() if spec.kind == "conv1d" else module.weight
         hessian = hessian.to(weight.device)
-        new.load_quantized(gptq_weight(weight, hessian, spec, self.config.damp, self.config.scale_dtype, name))
+        new.load_quantized(_gptq_by_rows(weight, hessian, spec, self.config, name))
         if module.bias is not None:
             new.bias = nn.Parameter(module.bias.detach().to(new.bias.dtype))
         replace_module(model, name, new)
@@ -138,7 +139,30 @@ class GPTQStep(LayerStep):
             if in_checkpoint_mmap(tensor):
                 drop_pages(tensor)
         cast_floats(model, self.compute_dtype)
+        trim_heap()
         return dataclasses.replace(self.config, modules=self.stored)
+
+
+# GPTQ's updates never mix rows: a tall weight (LM head, FFN input) is quantized this many rows at a time, which
+# bounds its float copies and update temporaries (three [rows, in] float32 matrices at once) whatever its height.
+_GPTQ_ROWS = 4096
+
+
+def _gptq_by_rows(weight: torch.Tensor, hessian: torch.Tensor, spec: ModuleSpec, config: WeightQuantizationConfig,
+                  name: str) -> QuantizedWeight:  # fmt: skip
+    """`gptq_weight` over blocks of rows (the same result), dropping each block's checkpoint pages once done."""
+    rows = weight.shape[0]
+    if rows <= _GPTQ_ROWS:
+        return gptq_weight(weight, hessian, spec, config.damp, config.scale_dtype, name)
+    mapped = weight.is_contiguous() and in_checkpoint_mmap(weight)
+    parts = []
+    for start in range(0, rows, _GPTQ_ROWS):
+        block = weight[start : start + _GPTQ_ROWS]
+        parts.append(gptq_weight(block, hessian, spec, config.damp, config.scale_dtype, name))
+        if mapped:
+            drop_pages(block)
+    zero = None if parts[0].zero is None else torch.cat([p.zero for p in parts])
+    return QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), zero)
 
 
 def step_for(config: TechniqueConfig) -> LayerStep:
