@@ -189,6 +189,13 @@ def test_bf16_scales_stored_as_bf16(target, tmp_path):
     if target == "onnx":
         proto = onnx.load(f"{folder}/model.onnx")
         assert any(i.data_type == onnx.TensorProto.BFLOAT16 for i in proto.graph.initializer)
+    else:  # scales and offsets stored in 16 bits where that is exact (fp16, else bf16), never rounded
+        import openvino as ov
+
+        ir = ov.Core().read_model(f"{folder}/openvino_model.xml")
+        narrow = [op for op in ir.get_ops() if op.get_type_name() == "Constant"
+                  and op.get_element_type() in (ov.Type.f16, ov.Type.bf16)]  # fmt: skip
+        assert len(narrow) >= 2 * sum(isinstance(m, torch.nn.Linear) for m in tiny_model("bert").modules()) - 2
     inputs = _inputs(model)
     expected = _reference(float_view(model), inputs)
     got = load_exported(folder)(**inputs).last_hidden_state
