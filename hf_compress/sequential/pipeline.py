@@ -184,8 +184,10 @@ def run_sequential(model: nn.Module, step: LayerStep, calibration: Calibration, 
                 for b, batch in enumerate(inputs):
                     collector.set_mask(None if batch.mask is None else batch.mask.to(device or batch.mask.device))
                     run_layer(layer, store[b], *batch.layer_args[index], device)
-            released = step.compress_layer(model, prefix, collector.moments())
-            del collector
+            moments = collector.moments()
+            del collector  # its sums: a down_proj Hessian alone is in^2 x 4 bytes (268 MB at 8192 features)
+            released = step.compress_layer(model, prefix, moments)
+            del moments
             for b, batch in enumerate(inputs):  # the next layer's inputs: this layer's outputs, as compressed
                 store[b] = run_layer(layer, store[b], *batch.layer_args[index], device).to(home)
             release_weights(released)
@@ -195,7 +197,7 @@ def run_sequential(model: nn.Module, step: LayerStep, calibration: Calibration, 
             if offload_layers:
                 offload_layer(layer, offload_dir)
         tail = step.tail_modules(model)
-        moments: dict[str, torch.Tensor] = {}
+        moments = {}
         if tail:
             with MomentCollector(tail, float64=step.float64) as collector:
                 run_tail(model, layers, batches, store, tail, lambda batch: collector.set_mask(batch.get("attention_mask")))
