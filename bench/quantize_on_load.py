@@ -86,7 +86,8 @@ def write_checkpoint(path: Path, config_kwargs: dict, shard_bytes: int = 512 * 2
     return total
 
 
-_CHILD = textwrap.dedent(
+# Both child scripts start with this: a thread that samples the process's peak resident memory every 20 ms.
+_RSS_SAMPLER = textwrap.dedent(
     """
     import json, sys, threading, time
     peak = {"total": 0, "anon": 0}
@@ -98,6 +99,12 @@ _CHILD = textwrap.dedent(
             peak["anon"] = max(peak["anon"], kb("RssAnon"))
             time.sleep(0.02)
     threading.Thread(target=sample, daemon=True).start()
+    """
+)
+
+
+_CHILD = _RSS_SAMPLER + textwrap.dedent(
+    """
     import torch
     torch.set_num_threads(2)
     import hf_compress
@@ -139,18 +146,8 @@ _CHILD = textwrap.dedent(
 )
 
 
-_CALIBRATED_CHILD = textwrap.dedent(
+_CALIBRATED_CHILD = _RSS_SAMPLER + textwrap.dedent(
     """
-    import json, sys, threading, time
-    peak = {"total": 0, "anon": 0}
-    def sample():
-        while True:
-            fields = dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)
-            kb = lambda k: int(fields.get(k, "0 kB").split()[0]) * 1024
-            peak["total"] = max(peak["total"], kb("VmRSS"), kb("VmHWM"))
-            peak["anon"] = max(peak["anon"], kb("RssAnon"))
-            time.sleep(0.02)
-    threading.Thread(target=sample, daemon=True).start()
     import torch
     torch.set_num_threads(int(sys.argv[6]))
     import hf_compress

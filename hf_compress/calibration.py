@@ -19,6 +19,7 @@ __all__ = [
     "Calibration",
     "calibration_batches",
     "input_moments",
+    "real_tokens",
     "MomentCollector",
     "unwrap",
     "resolve_tokenizer",
@@ -113,10 +114,7 @@ class MomentCollector:
                     self.aliases[name] = owner
                     return
                 self._seen.append((raw, name))
-            x = raw
-            if self.mask is not None and x.dim() == 3 and x.shape[:2] == self.mask.shape:
-                x = x[self.mask]
-            x = x.reshape(-1, x.shape[-1]).float()
+            x = real_tokens(raw, self.mask).float()
             if name not in self.sums:
                 d = x.shape[1]
                 self.sums[name] = torch.zeros(d, d, dtype=torch.float64) if self.float64 else x.new_zeros(d, d)
@@ -144,6 +142,15 @@ class MomentCollector:
         means = {name: total / max(self.counts[name], 1) for name, total in self.sums.items()}
         means.update({name: means[owner] for name, owner in self.aliases.items() if owner in means})
         return means
+
+
+def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows ``[n, features]`` of a module input that belong to real tokens: a 3-D ``[batch, seq, features]``
+    input loses the positions where the boolean `mask` (the batch's ``attention_mask``) is False; other inputs (a
+    pooler's ``[batch, features]``) keep every row."""
+    if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+        x = x[mask]
+    return x.reshape(-1, x.shape[-1])
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from ..calibration import calibration_batches
+from ..calibration import calibration_batches, real_tokens
 
 
 __all__ = ["StaticInput", "calibrate_static_inputs", "smoothed_weights", "AUTO_ALPHAS"]
@@ -57,10 +57,8 @@ class _InputStats:
     def _record(self, name: str):
         @torch.no_grad()
         def record(module, args):
-            x = args[0].detach()
-            if self.mask is not None and x.dim() == 3 and x.shape[:2] == self.mask.shape:
-                x = x[self.mask]  # padding positions never reach a real input: leave them out of the range
-            x = x.reshape(-1, x.shape[-1]).float().cpu()
+            # padding positions never reach a real input: left out of the range
+            x = real_tokens(args[0].detach(), self.mask).float().cpu()
             if name not in self.low:
                 self.low[name], self.high[name], self.rows[name] = x.amin(0), x.amax(0), []
             else:
