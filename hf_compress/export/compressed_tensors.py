@@ -9,8 +9,10 @@ point. What the format cannot hold is refused with the option that makes the mod
 - the structure must be a plain checkpoint's (uniform heads and FFN widths, nothing factorized; see
   `transformers_plain`);
 - quantized embeddings (compressed-tensors quantizes Linear layers) and GPT-2's ``Conv1D`` layers;
-- asymmetric layers whose float zero offsets are not integer multiples of their scales (hf_compress's searches
-  place offsets freely; rounding them would change every weight of a group by up to half a step).
+- asymmetric layers whose zero offsets are not integer multiples of their scales: hf_compress's searches place
+  offsets freely unless quantized with ``WeightQuantizationConfig(zero_point="integer")``, which constrains them to
+  ``-zp * scale`` exactly in the stored dtype (rounding free offsets afterwards would move every weight of a group
+  by up to half a step).
 """
 
 from __future__ import annotations
@@ -36,19 +38,62 @@ WEIGHTS = "model.safetensors"
 
 
 def _zero_points(module: nn.Module, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor | None:
-    """Integer zero points with ``-zp * scale == zero`` exactly, or a `ValueError`."""
+    """Integer zero points (int8) with ``-zp * scale == zero`` exactly (float32 of the stored values) and ``zp`` in
+    the integer range; None for a symmetric layer; False when the offsets are free floats."""
     if zero is None:
         return None
     zp = torch.round(-zero / scale)
     lo, hi = -(1 << (module.bits - 1)), (1 << (module.bits - 1)) - 1
     if not torch.equal(-zp * scale, zero) or zp.min() < lo or zp.max() > hi:
-        raise ValueError(
-            "compressed-tensors stores integer zero points, and this model's asymmetric layers have float zero "
-            "offsets (w = q * scale + zero) that are not integer multiples of their scales. Quantize with "
-            "WeightQuantizationConfig(symmetric=True) to export to compressed-tensors, or use to='onnx' / "
-            "'openvino', which keep the float offsets exactly."
-        )
+        return False
     return zp.to(torch.int8)
+
+
+def _float_offsets(modules: dict[str, nn.Module]) -> list[str]:
+    names = []
+    for name, module in modules.items():
+        _, scale, zero = _integers(module)
+        if _zero_points(module, torch.from_numpy(scale), None if zero is None else torch.from_numpy(zero)) is False:
+            names.append(name)
+    return names
+
+
+def _options_error(embeddings: list[str], float_zero: list[str]) -> ValueError:
+    """One error naming every quantization option the model lacks, so one re-run fixes them all."""
+    reasons, options = [], []
+    if embeddings:
+        names = ", ".join(embeddings[:3])
+        reasons.append(f"compressed-tensors quantizes Linear layers only, and {names} are quantized embeddings")
+        options.append("quantize_embeddings=False")
+    if float_zero:
+        names = ", ".join(float_zero[:3])
+        reasons.append(f"compressed-tensors stores integer zero points (w = (q - zp) * scale), and {names} have free "
+                       "float offsets (w = q * scale + zero, not integer multiples of their scales)")  # fmt: skip
+        options.append("zero_point='integer'")
+    return ValueError(
+        f"{'; '.join(reasons)}. Quantize with WeightQuantizationConfig({', '.join(options)}, ...) to export to "
+        "compressed-tensors (with compress(), pass that config instead of a preset: the presets quantize embeddings "
+        "with float offsets), or export to='onnx' / 'openvino', which hold the model as it is."
+    )
+
+
+def check_configs(configs) -> None:
+    """Refuse, before any work, quantization configs that would give asymmetric layers free float offsets (for
+    ``compress(..., export="compressed-tensors")``, so the error comes before the compression, not after it).
+
+    Only the offsets are judged here: whether embeddings end up quantized depends on the model (tied ones are not),
+    so `check` judges them on the compressed model.
+    """
+    from hf_compress.quantization import WeightQuantizationConfig
+
+    for config in configs:
+        if not isinstance(config, WeightQuantizationConfig) or config.zero_point == "integer":
+            continue
+        settings = [{"bits": config.bits, "symmetric": config.symmetric}, *(config.overrides or {}).values()]
+        if any(s.get("symmetric", config.symmetric) is False
+               or (s.get("symmetric", config.symmetric) is None and s.get("bits", config.bits) == 4)
+               for s in settings):  # fmt: skip
+            raise _options_error([], ["the asymmetric layers"])
 
 
 def check(model: nn.Module) -> None:
@@ -56,11 +101,9 @@ def check(model: nn.Module) -> None:
     if not modules:
         raise ValueError("The model has no quantized layer: use to='transformers' for a plain checkpoint.")
     embeddings = [n for n, m in modules.items() if isinstance(m, QuantEmbedding)]
-    if embeddings:
-        raise ValueError(
-            f"compressed-tensors quantizes Linear layers only, and {embeddings} are quantized embeddings: quantize "
-            "with WeightQuantizationConfig(quantize_embeddings=False) to export, or use to='onnx' / 'openvino'."
-        )
+    float_zero = _float_offsets({n: m for n, m in modules.items() if n not in embeddings})
+    if embeddings or float_zero:
+        raise _options_error(embeddings, float_zero)
     static = [n for n, m in modules.items() if getattr(m, "activations", None) == "int8_static"]
     if static:  # its input smoothing has no slot in the format's static activation scheme
         raise ValueError(
@@ -77,9 +120,6 @@ def check(model: nn.Module) -> None:
             f"{conv[:3]} are GPT-2 Conv1D layers, which compressed-tensors does not quantize: exclude them "
             "(WeightQuantizationConfig(exclude_modules=...)) or use to='onnx' / 'openvino'."
         )
-    for module in modules.values():
-        _, scale, zero = _integers(module)
-        _zero_points(module, torch.from_numpy(scale), None if zero is None else torch.from_numpy(zero))
 
 
 def _scheme(module: nn.Module) -> dict[str, Any]:
@@ -119,6 +159,7 @@ def export_compressed_tensors(model: nn.Module, out: Path) -> dict[str, Any]:
             state[f"{owner}.weight_scale"] = scale.to(dtype)
             state[f"{owner}.weight_shape"] = torch.tensor(list(q.shape))
             zp = _zero_points(module, scale, zero)
+            assert zp is not False, owner  # `check` refused float offsets
             if zp is not None:
                 state[f"{owner}.weight_zero_point"] = pack_to_int32(zp.contiguous(), module.bits, packed_dim=0)
         else:
@@ -149,6 +190,12 @@ def export_compressed_tensors(model: nn.Module, out: Path) -> dict[str, Any]:
         "ignore": [],
         "kv_cache_scheme": None,
     }
+    if any(not m.symmetric for m in modules.values()):
+        # transformers (5.23, compressed-tensors 0.20) cannot run asymmetric packed layers compressed: it builds
+        # them on the meta device with an unpacked zero point, so the packed one in the file does not fit, and
+        # an unpacked one fails to unpack on the first forward. Loading with dequantize works (and is what this
+        # key asks for); vLLM reads the packed tensors and does not look at it.
+        config["quantization_config"]["dequantize"] = True
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
     files = [WEIGHTS, "config.json"]
     if getattr(plain, "generation_config", None) is not None and plain.can_generate():
@@ -170,3 +217,4 @@ tokenizer = AutoTokenizer.from_pretrained(".")
 
 
 export_compressed_tensors.check = check
+export_compressed_tensors.check_configs = check_configs

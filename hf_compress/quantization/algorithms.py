@@ -4,10 +4,15 @@ Every function takes a float weight ``[rows, in]`` and returns centred integers 
 (``None`` when symmetric) with ``w ~ q * scale + zero`` per group of `group_size` columns. Scales and offsets are
 rounded to the storage dtype *before* the final rounding of ``q``, so the integers are the best ones for the scales
 that are actually stored.
+
+``zero_point="integer"`` constrains every offset to ``zero = -zp * scale`` with an integer ``zp`` in the centred
+range, exactly in the storage dtype (`integer_zero_points`): the ``w = (q - zp) * scale`` form that compressed-tensors
+and vLLM store.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -16,7 +21,18 @@ import torch
 from .packing import qrange
 
 
-__all__ = ["QuantizedWeight", "quantize_weight", "quantize_blocks", "check_weight", "block_rows"]
+__all__ = [
+    "QuantizedWeight",
+    "quantize_weight",
+    "quantize_blocks",
+    "check_weight",
+    "block_rows",
+    "storable_scales",
+    "integer_zero_points",
+    "ZERO_POINTS",
+]
+
+ZERO_POINTS = ("float", "integer")
 
 # Row blocks of about 512K weights (2 MB in float32): the search temporaries of one block stay small whatever the
 # matrix size (8 MB blocks measured 4x the transient memory and were no faster), and quantize-on-load releases the
@@ -62,17 +78,19 @@ def quantize_weight(
     algorithm: str = "mse",
     dtype: torch.dtype = torch.bfloat16,
     name: str = "weight",
+    zero_point: str = "float",
 ) -> QuantizedWeight:
     """Quantize `weight` group-wise with the chosen calibration-free `algorithm` (``"rtn"``, ``"hqq"``, ``"mse"``).
 
-    All-zero groups get a zero weight back exactly (scale 1, offset 0).
+    All-zero groups get a zero weight back exactly (scale 1, offset 0). `zero_point` (``"float"`` or
+    ``"integer"``) is how asymmetric offsets are stored (see the module docstring).
     """
     rows, cols = weight.shape
     if rows <= block_rows(cols):
-        return _quantize_block(weight, bits, group_size, symmetric, algorithm, dtype, name)
+        return _quantize_block(weight, bits, group_size, symmetric, algorithm, dtype, name, zero_point)
     # Each block is written into preallocated outputs (a list of parts + cat would hold the integers twice).
     out = None
-    for block_slice, part in quantize_blocks(weight, bits, group_size, symmetric, algorithm, dtype, name):
+    for block_slice, part in quantize_blocks(weight, bits, group_size, symmetric, algorithm, dtype, name, zero_point):
         if out is None:
             zero = None if part.zero is None else part.zero.new_empty(rows, part.zero.shape[1])
             out = QuantizedWeight(part.q.new_empty(rows, cols), part.scale.new_empty(rows, part.scale.shape[1]), zero)
@@ -91,6 +109,7 @@ def quantize_blocks(
     algorithm: str = "mse",
     dtype: torch.dtype = torch.bfloat16,
     name: str = "weight",
+    zero_point: str = "float",
 ) -> Iterator[tuple[slice, QuantizedWeight]]:
     """`quantize_weight` one row block at a time (`block_rows`): yields each block's row slice and its result.
 
@@ -101,14 +120,16 @@ def quantize_blocks(
     for start in range(0, weight.shape[0], step):
         block = weight[start : start + step]
         try:
-            part = _quantize_block(block, bits, group_size, symmetric, algorithm, dtype, name)
+            part = _quantize_block(block, bits, group_size, symmetric, algorithm, dtype, name, zero_point)
         except ValueError:
             check_weight(weight, name)
             raise
         yield slice(start, start + block.shape[0]), part
 
 
-def _quantize_block(weight, bits, group_size, symmetric, algorithm, dtype, name) -> QuantizedWeight:
+def _quantize_block(weight, bits, group_size, symmetric, algorithm, dtype, name, zero_point) -> QuantizedWeight:
+    if zero_point not in ZERO_POINTS:
+        raise ValueError(f"zero_point must be one of {ZERO_POINTS}, got {zero_point!r}.")
     check_weight(weight, name)
     rows, cols = weight.shape
     w = weight.detach().float().reshape(rows, cols // group_size, group_size)
@@ -117,10 +138,10 @@ def _quantize_block(weight, bits, group_size, symmetric, algorithm, dtype, name)
     elif algorithm == "hqq":
         scale, zero = _hqq(w, bits, symmetric)
     elif algorithm in ("auto", "mse", "gptq"):  # GPTQ only calls this for embeddings
-        scale, zero = _least_squares(w, bits, symmetric)
+        scale, zero = _least_squares(w, bits, symmetric, integer=zero_point == "integer")
     else:
         raise ValueError(f"Unknown algorithm {algorithm!r}; use 'rtn', 'hqq', 'mse' or 'gptq'.")
-    scale, zero = _storable(scale, zero, dtype)
+    scale, zero = storable_scales(w, scale, zero, bits, dtype, zero_point, p=0.7 if algorithm == "hqq" else 2.0)
     q = _round(w, scale.float(), None if zero is None else zero.float(), bits)
     return QuantizedWeight(q.reshape(rows, cols), scale.squeeze(-1), None if zero is None else zero.squeeze(-1))
 
@@ -129,6 +150,68 @@ def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits
     lo, hi = qrange(bits)
     shifted = w if zero is None else w - zero
     return torch.clamp(torch.round(shifted / scale), lo, hi).to(torch.int8)
+
+
+def storable_scales(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, dtype: torch.dtype,
+                    zero_point: str = "float", p: float = 2.0):  # fmt: skip
+    """The (scale, zero) to store for groups ``w [rows, groups, size]``: rounded to `dtype`, and with
+    ``zero_point="integer"`` (asymmetric only) constrained by `integer_zero_points`."""
+    if zero is None or zero_point == "float":
+        return _storable(scale, zero, dtype)
+    return integer_zero_points(w, scale, zero, bits, dtype, p)
+
+
+# Scale candidates tried on each side of the nearest storable scale. A centred int4 zero point has an odd part of at
+# most 3 bits (7), so a scale whose significand is a multiple of 8 makes ``zp * scale`` exact in any float dtype, and
+# 8 consecutive significands always hold one.
+_NEIGHBOURS = 4
+
+
+def integer_zero_points(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype,
+                        p: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Storable (scale, zero) with ``zero == -zp * scale`` exactly in `dtype`, ``zp`` an integer in `qrange(bits)`.
+
+    Rounding ``zp = round(-zero / scale)`` alone is not enough: ``zp * scale`` of a bf16 scale needs up to 11
+    significant bits, and a rounded bf16 offset would differ from the integer form by up to 1/64 of a step. So the
+    scale moves to one of the storable values within `_NEIGHBOURS` steps of the float one for which ``zp * scale`` is
+    exactly storable too, choosing per group the candidate of least ``l_p`` reconstruction error on `w`. For 8 bits
+    the zero point may also move to a neighbour with at most 3 significant bits (so a candidate always exists).
+    """
+    lo, hi = qrange(bits)
+    base, _ = _storable(scale, None, dtype)
+    ints = base.view(torch.int16 if dtype.itemsize == 2 else torch.int32)  # positive floats: +1 is the next value
+    # float32 scales keep 24 - bits significant bits, so that q * scale, zp * scale and (q - zp) * scale are all
+    # exact in float32 and w = q * scale + zero dequantizes bit for bit like (q - zp) * scale (bf16 and fp16 scales
+    # have few enough bits already).
+    digits = 1 - round(math.log2(torch.finfo(dtype).eps))  # significant bits: 8 bf16, 11 fp16, 24 fp32
+    unit = 1 << max(0, digits - (24 - bits))
+    ints = (ints + unit // 2) // unit * unit
+    best_err = best_scale = best_zp = None
+    for step in range(-_NEIGHBOURS, _NEIGHBOURS + 1):
+        candidate = (ints + step * unit).view(dtype)
+        c = candidate.double()
+        zp = torch.round(-zero.double() / c).clamp_(lo, hi)
+        for zps in (zp, *_few_bits(zp, lo, hi)) if bits > 4 else (zp,):
+            exact = (zps * c).to(dtype).double() == zps * c
+            valid = exact & (c > 0) & torch.isfinite(c)
+            err, _ = _error(w, c.float(), (-zps * c).float(), bits, p)
+            err = torch.where(valid, err, torch.full_like(err, float("inf")))
+            if best_err is None:
+                best_err, best_scale, best_zp = err, candidate, zps
+                continue
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale, best_zp = torch.where(better, candidate, best_scale), torch.where(better, zps, best_zp)
+    assert torch.isfinite(best_err).all(), "no storable integer zero point found"  # a multiple of 8 is always there
+    return best_scale, (-best_zp * best_scale.double()).to(dtype)
+
+
+def _few_bits(zp: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integers below and above `zp` with at most 3 significant bits (e.g. 100 -> 96, 112)."""
+    step = torch.exp2(torch.floor(torch.log2(zp.abs().clamp(min=1))) - 2).clamp(min=1)
+    down = torch.trunc(zp / step) * step
+    up = (down + torch.sign(zp) * step).clamp(lo, hi)
+    return down, up
 
 
 def _storable(scale: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype):
@@ -160,18 +243,33 @@ def _error(w, scale, zero, bits, p: float = 2.0):
     return err.sum(-1, keepdim=True), q
 
 
-def _least_squares(w: torch.Tensor, bits: int, symmetric: bool, grid: int = 10, iters: int = 4):
+def _least_squares(w: torch.Tensor, bits: int, symmetric: bool, grid: int = 10, iters: int = 4,
+                   integer: bool = False):  # fmt: skip
     """Clip search, then alternate: integers for fixed (scale, zero) / least-squares (scale, zero) for fixed integers.
 
     Both steps never increase the squared error of a group (the rounding step is exact for a fixed grid; the fit is
     the optimum of a linear regression of the weights on the integers), so this converges to a local minimum of the
     reconstruction error, well below plain min/max rounding for 4 bits.
+
+    `integer` (asymmetric only) searches within ``zero = -zp * scale``: the clip candidates get their zero point
+    rounded, and the fit step tries the rounded zero point of the free fit and its two neighbours, each with the scale
+    that is least-squares optimal for it (``w ~ (q - zp) * scale``), after a sweep over every zero point
+    (`_zero_point_sweep`). For int4 g32 on Gaussian weights, constraining only the final result measured 1.19x the
+    squared error of float offsets; this, 1.12x (g128: 1.05x). A free offset is simply worth that much.
     """
-    best_scale, best_zero = _minmax(w, bits, symmetric)
+    lo, hi = qrange(bits)
+    constrain = integer and not symmetric
+
+    def candidate(scale, zero):
+        return (scale, _integer_offset(scale, zero, lo, hi)) if constrain else (scale, zero)
+
+    best_scale, best_zero = candidate(*_minmax(w, bits, symmetric))
     best_err, _ = _error(w, best_scale, best_zero, bits)
     for ratio in torch.linspace(0.95, 0.55, grid - 1).tolist():
-        scale, zero = _minmax(w, bits, symmetric, ratio)
+        scale, zero = candidate(*_minmax(w, bits, symmetric, ratio))
         best_err, best_scale, best_zero = _keep_better(w, bits, (scale, zero), (best_err, best_scale, best_zero))
+    if constrain:
+        best_err, best_scale, best_zero = _zero_point_sweep(w, bits, (best_err, best_scale, best_zero))
     scale, zero = best_scale, best_zero
     for _ in range(iters):
         _, q = _error(w, scale, zero, bits)
@@ -188,8 +286,43 @@ def _least_squares(w: torch.Tensor, bits: int, symmetric: bool, grid: int = 10, 
             new_scale = torch.where(ok, new_scale, scale)
             new_zero = torch.where(ok, wm - new_scale * qm, zero)
         new_scale = torch.where(ok, new_scale, scale)
-        best_err, scale, zero = _keep_better(w, bits, (new_scale, new_zero), (best_err, scale, zero))
+        if not constrain:
+            best_err, scale, zero = _keep_better(w, bits, (new_scale, new_zero), (best_err, scale, zero))
+            continue
+        rounded = torch.round(-new_zero / new_scale)
+        for shift in (0, -1, 1):
+            zp = (rounded + shift).clamp_(lo, hi)
+            u = q - zp
+            uu = (u * u).sum(-1, keepdim=True)
+            fit = (u * w).sum(-1, keepdim=True) / uu.clamp(min=1e-12)
+            fit = torch.where((uu > 0) & (fit > 0), fit, scale)
+            zp = torch.where((uu > 0) & (fit > 0), zp, torch.round(-zero / scale))
+            best_err, scale, zero = _keep_better(w, bits, (fit, -zp * fit), (best_err, scale, zero))
     return scale, zero
+
+
+def _zero_point_sweep(w, bits, best, ratios=(1.0, 0.9, 0.8)):
+    """Integer zero points: try every zp with the scale that makes its grid span the group's (shrunk) range.
+
+    The min/max candidates fix the zero point by the range; the best over every zp starts the alternation closer to
+    the optimum (int4 g32, Gaussian weights: 1.15x -> 1.12x the float-offset squared error).
+    """
+    lo, hi = qrange(bits)
+    wmin = w.amin(-1, keepdim=True).clamp(max=0)
+    wmax = w.amax(-1, keepdim=True).clamp(min=0)
+    for zp in range(lo, hi + 1):
+        # zp = hi leaves no positive integers and zp = lo no negative ones: that side has no range to cover
+        cover = torch.maximum(wmax / (hi - zp) if zp < hi else wmax * 0, wmin / (lo - zp) if zp > lo else wmin * 0)
+        for ratio in ratios:
+            scale = torch.where(cover > 0, cover * ratio, torch.ones_like(cover))
+            best = _keep_better(w, bits, (scale, -zp * scale), best)
+    return best
+
+
+def _integer_offset(scale: torch.Tensor, zero: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """`zero` moved to the nearest ``-zp * scale`` with an integer ``zp`` in ``[lo, hi]`` (float scales)."""
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return -torch.round(-zero / safe).clamp_(lo, hi) * safe
 
 
 def _keep_better(w, bits, candidate, best):

@@ -9,9 +9,10 @@ import torch
 
 from ..config import TechniqueConfig
 from ..validation import WrongTypeError, check_bool, check_number, check_patterns, describe
+from .algorithms import ZERO_POINTS
 
 
-__all__ = ["WeightQuantizationConfig", "ALGORITHMS", "ModuleSpec"]
+__all__ = ["WeightQuantizationConfig", "ALGORITHMS", "ZERO_POINTS", "ModuleSpec"]
 
 ALGORITHMS = ("auto", "rtn", "hqq", "mse", "gptq")
 _ACTIVATIONS = (None, "int8_dynamic", "int8_static")
@@ -20,15 +21,19 @@ _DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 @dataclass(frozen=True)
 class ModuleSpec:
-    """The resolved quantization of one module: ``kind`` is ``"linear"``, ``"conv1d"`` or ``"embedding"``."""
+    """The resolved quantization of one module: ``kind`` is ``"linear"``, ``"conv1d"`` or ``"embedding"``;
+    ``zero_point`` is ``"integer"`` only for asymmetric modules whose offsets are integer multiples of the scale."""
 
     kind: str
     bits: int
     group_size: int
     symmetric: bool
+    zero_point: str = "float"
 
     def to_list(self) -> list:
-        return [self.kind, self.bits, self.group_size, self.symmetric]
+        # The fifth entry only when it is not the default, so float-offset recipes read the same as before it existed.
+        tail = [self.zero_point] if self.zero_point != "float" else []
+        return [self.kind, self.bits, self.group_size, self.symmetric, *tail]
 
     @classmethod
     def from_value(cls, value: Any) -> ModuleSpec:
@@ -36,8 +41,8 @@ class ModuleSpec:
             return value
         if isinstance(value, dict):
             return cls(**value)
-        kind, bits, group_size, symmetric = value
-        return cls(str(kind), int(bits), int(group_size), bool(symmetric))
+        kind, bits, group_size, symmetric, *tail = value
+        return cls(str(kind), int(bits), int(group_size), bool(symmetric), str(tail[0]) if tail else "float")
 
 
 @dataclass
@@ -67,6 +72,12 @@ class WeightQuantizationConfig(TechniqueConfig):
             optimisation of the zero offset under a sparsity-promoting error), ``"mse"`` (calibration-free: per-group
             clipping search, then alternating least squares on scale and offset) or ``"gptq"`` (needs calibration
             data; compensates each column's rounding error on the columns not yet quantized).
+        zero_point (`str`, *optional*, defaults to `"float"`):
+            How asymmetric layers store their offsets. ``"float"``: a free offset per group, ``w = q * scale +
+            zero``. ``"integer"``: every algorithm constrains the offset to an integer multiple of the (stored)
+            scale, ``zero = -zp * scale`` with ``zp`` in the integer range, which is the ``(q - zp) * scale`` form
+            compressed-tensors (vLLM) stores: needed to export asymmetric layers with ``to="compressed-tensors"``.
+            Symmetric layers have no offset and ignore it.
         target_modules (`list[str] | str`, *optional*):
             Modules to quantize, in PEFT's vocabulary (suffixes or a full-match regex). Default: every linear layer
             (and GPT-2 `Conv1D`), plus embeddings when `quantize_embeddings`.
@@ -128,6 +139,10 @@ class WeightQuantizationConfig(TechniqueConfig):
         metadata={"help": "Scale only (True) or scale and zero offset (default: 8-bit True, 4-bit False)."},
     )
     algorithm: str = field(default="auto", metadata={"help": f"How scales are chosen: one of {ALGORITHMS}."})
+    zero_point: str = field(
+        default="float",
+        metadata={"help": "Asymmetric offsets: 'float' (free) or 'integer' (zp * scale, for compressed-tensors)."},
+    )
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module-name suffixes or a full-match regex (default: all linear layers)."}
     )
@@ -163,6 +178,11 @@ class WeightQuantizationConfig(TechniqueConfig):
             raise TypeError(f"symmetric must be True, False or None, got {self.symmetric!r}.")
         if not isinstance(self.algorithm, str) or self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}.")
+        if not isinstance(self.zero_point, str) or self.zero_point not in ZERO_POINTS:
+            raise ValueError(
+                f"zero_point must be one of {ZERO_POINTS}, got {describe(self.zero_point)}. Use 'integer' to export "
+                "asymmetric layers to compressed-tensors (vLLM), 'float' (the default) otherwise."
+            )
         if not isinstance(self.activations, (str, type(None))) or self.activations not in _ACTIVATIONS:
             raise ValueError(
                 f"activations must be None, 'int8_dynamic' or 'int8_static', got {describe(self.activations)}."
@@ -264,7 +284,7 @@ class WeightQuantizationConfig(TechniqueConfig):
             raise ValueError(
                 f"4-bit packing stores two values per byte, so group_size must be even; got {group_size}."
             )
-        return ModuleSpec(kind, bits, group_size, symmetric)
+        return ModuleSpec(kind, bits, group_size, symmetric, "float" if symmetric else self.zero_point)
 
 
 def _check_bits(bits: Any, what: str) -> int:

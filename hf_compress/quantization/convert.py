@@ -62,7 +62,7 @@ def quantize_into(
     if spec.kind == "conv1d":
         weight = weight.t()
     blocks = quantize_blocks(
-        weight, spec.bits, spec.group_size, spec.symmetric, config.algorithm, config.scale_dtype, name
+        weight, spec.bits, spec.group_size, spec.symmetric, config.algorithm, config.scale_dtype, name, spec.zero_point
     )
     for rows, part in blocks:
         new.weight_packed[rows] = pack(part.q, spec.bits)
