@@ -28,6 +28,7 @@ __all__ = [
     "check_weight",
     "block_rows",
     "storable_scales",
+    "group_scales",
     "integer_zero_points",
     "ZERO_POINTS",
 ]
@@ -150,6 +151,14 @@ def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits
     lo, hi = qrange(bits)
     shifted = w if zero is None else w - zero
     return torch.clamp(torch.round(shifted / scale), lo, hi).to(torch.int8)
+
+
+def group_scales(w: torch.Tensor, spec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Storable least-squares (scale, zero) for groups ``w [rows, groups, size]`` quantized as `spec` (a
+    `ModuleSpec`: bits, symmetric, zero_point); GPTQ's choice for each group when it reaches the group."""
+    integer = getattr(spec, "zero_point", "float")
+    scale, zero = _least_squares(w, spec.bits, spec.symmetric, integer=integer == "integer")
+    return storable_scales(w, scale, zero, spec.bits, dtype, integer)
 
 
 def storable_scales(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int, dtype: torch.dtype,

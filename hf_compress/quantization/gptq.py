@@ -16,7 +16,7 @@ from torch import nn
 
 from ..calibration import calibration_batches, input_moments
 from ..utils import replace_module
-from .algorithms import QuantizedWeight, _least_squares, _storable, check_weight
+from .algorithms import QuantizedWeight, check_weight, group_scales
 from .convert import new_module, quantize_into
 from .packing import qrange
 
@@ -68,8 +68,7 @@ def gptq_weight(
             col = start + j
             if col % g == 0:
                 group = torch.cat((block[:, j:], w[:, end:]), 1)[:, :g] if col + g > end else block[:, j : j + g]
-                s, z = _least_squares(group.reshape(rows, 1, g), spec.bits, spec.symmetric)
-                s, z = _storable(s, z, dtype)
+                s, z = group_scales(group.reshape(rows, 1, g), spec, dtype)  # honours spec.zero_point
                 scale, zero = s.float().reshape(rows), None if z is None else z.float().reshape(rows)
                 scales[:, col // g] = scale
                 if zeros is not None:

@@ -111,3 +111,15 @@ def test_quantize_on_load_uses_integer_zero_points(tmp_path):
     for name, module in layers.items():
         assert_integer_zero_points(module.weight_scale, module.weight_zero, 4)
         assert torch.equal(module.weight_zero, _quantized(model)[name].weight_zero)  # the same algorithm on load
+
+
+def test_gptq_chooses_integer_zero_points_per_group():
+    model = tiny_model("llama")
+    calibration = [{"input_ids": torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(i))}
+                   for i in range(4)]  # fmt: skip
+    config = WeightQuantizationConfig(bits=4, group_size=16, algorithm="gptq", zero_point="integer")
+    apply_compression(model, config, calibration_data=calibration)
+    layers = _quantized(model)
+    assert any(isinstance(m, QuantLinear) for m in layers.values())
+    for module in layers.values():  # linear layers by GPTQ, the embedding by the least-squares search
+        assert_integer_zero_points(module.weight_scale, module.weight_zero, 4)
