@@ -86,6 +86,11 @@ class MomentCollector:
     it again (`share=True`); `moments()` then returns the same tensor for each of them. ``float64=False`` sums
     float32 products on the input's device (GPTQ's Hessians); ``float64=True`` adds each float32 product to a
     float64 sum on the CPU (low-rank whitening).
+
+    Cross moments (the sequential pipeline's float target): a forward announced with
+    ``set_mask(mask, reference=True)`` only keeps each module's real-token input ``x_f`` (the float model's); the
+    next forward, on the same batch (the quantized model's stream), adds ``x^T x`` as usual and also
+    ``(x_f - x)^T x`` (`cross_moments`), then drops ``x_f``.
     """
 
     def __init__(self, modules: dict[str, nn.Module], *, float64: bool = False, share: bool = True) -> None:
@@ -94,15 +99,31 @@ class MomentCollector:
         self.share = share
         self.mask: torch.Tensor | None = None
         self.sums: dict[str, torch.Tensor] = {}
+        self.cross: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.aliases: dict[str, str] = {}  # module -> the module whose sum it shares
+        self.reference = False
+        self._kept: dict[str, torch.Tensor] = {}  # the reference forward's inputs, until the paired forward
         self._seen: list[tuple[torch.Tensor, str]] = []  # inputs of the current forward (identity, owner)
         self._handles: list = []
 
-    def set_mask(self, mask: torch.Tensor | None) -> None:
-        """The ``attention_mask`` of the next forward (None: every position counts); starts a new forward."""
+    def set_mask(self, mask: torch.Tensor | None, *, reference: bool = False) -> None:
+        """The ``attention_mask`` of the next forward (None: every position counts); starts a new forward.
+        ``reference=True``: that forward's inputs are the float reference of the next one (see the class)."""
+        if reference and self._kept:
+            raise RuntimeError(f"Two reference forwards in a row: {sorted(self._kept)[:4]} were never paired.")
         self.mask = mask.bool() if mask is not None else None
+        self.reference = reference
         self._seen = []
+
+    def _add(self, sums: dict[str, torch.Tensor], name: str, left: torch.Tensor, x: torch.Tensor) -> None:
+        if name not in sums:
+            d = x.shape[1]
+            sums[name] = torch.zeros(d, d, dtype=torch.float64) if self.float64 else x.new_zeros(d, d)
+        if self.float64:
+            sums[name] += (left.t() @ x).double().cpu()
+        else:
+            sums[name].addmm_(left.t(), x)
 
     def _record(self, name: str):
         @torch.no_grad()
@@ -115,15 +136,17 @@ class MomentCollector:
                     return
                 self._seen.append((raw, name))
             x = real_tokens(raw, self.mask).float()
-            if name not in self.sums:
-                d = x.shape[1]
-                self.sums[name] = torch.zeros(d, d, dtype=torch.float64) if self.float64 else x.new_zeros(d, d)
-                self.counts[name] = 0
-            if self.float64:
-                self.sums[name] += (x.t() @ x).double().cpu()
-            else:
-                self.sums[name].addmm_(x.t(), x)
-            self.counts[name] += x.shape[0]
+            if self.reference:  # a copy of its own: it is subtracted from in place, and the layer may reuse `raw`
+                self._kept[name] = x.clone() if x.data_ptr() == raw.data_ptr() else x
+                return
+            self._add(self.sums, name, x, x)
+            self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+            reference = self._kept.pop(name, None)
+            if reference is not None:
+                if reference.shape != x.shape:
+                    raise RuntimeError(f"{name}: the reference forward gave {tuple(reference.shape)} real-token "
+                                       f"inputs, the paired one {tuple(x.shape)}; they must run the same batch.")  # fmt: skip
+                self._add(self.cross, name, reference.sub_(x), x)
 
         return record
 
@@ -136,12 +159,24 @@ class MomentCollector:
             handle.remove()
         self._handles = []
         self._seen = []
+        self._kept = {}
 
-    def moments(self) -> dict[str, torch.Tensor]:
-        """``E[x x^T]`` per module (the sums divided by the real-token counts); modules never reached are missing."""
-        means = {name: total / max(self.counts[name], 1) for name, total in self.sums.items()}
+    def _means(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # In place: a sum is not needed once averaged, and a second full-size copy of a wide layer's moment
+        # (268 MB at 8192 features) would raise the peak.
+        means = {name: total.div_(max(self.counts[name], 1)) for name, total in sums.items()}
         means.update({name: means[owner] for name, owner in self.aliases.items() if owner in means})
         return means
+
+    def moments(self) -> dict[str, torch.Tensor]:
+        """``E[x x^T]`` per module (the sums divided by the real-token counts, in place: call it once); modules
+        never reached are missing."""
+        return self._means(self.sums)
+
+    def cross_moments(self) -> dict[str, torch.Tensor]:
+        """``E[(x_f - x) x^T]`` per module that had reference forwards (``x_f``: the reference input), in place like
+        `moments`; empty without reference forwards."""
+        return self._means(self.cross)
 
 
 def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -9,7 +9,8 @@ mask object, one position-embedding pair) are stored once per batch.
 
 `run_tail` does the opposite for the modules after the layers (final norm, LM head, pooler, classifier): it feeds
 the last layer's stored outputs into the model's own forward in place of the layers, and stops as soon as every
-module of interest has seen its input (an LM head's logits over the whole vocabulary are never computed).
+module of interest has seen its input (an LM head's logits over the whole vocabulary are never computed); with the
+float model's stream beside it, each batch runs on both (the float one first, as the reference).
 """
 
 from __future__ import annotations
@@ -123,27 +124,42 @@ def _to(value: Any, device: torch.device | None) -> Any:
     return value
 
 
+def _stop(module, args):
+    raise _Stop
+
+
 @torch.no_grad()
-def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict,
-              device: torch.device | None = None) -> torch.Tensor:  # fmt: skip
-    """One layer's forward on one batch (on `device` when given); returns its hidden-state output."""
-    out = layer(_to(hidden, device), *_to(args, device), **_to(kwargs, device))
+def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, device: torch.device | None = None,
+              stop_at: nn.Module | None = None) -> torch.Tensor | None:  # fmt: skip
+    """One layer's forward on one batch (on `device` when given); returns its hidden-state output. With `stop_at`,
+    the forward stops once that module got its input (after the hooks registered before this call ran): None."""
+    handle = stop_at.register_forward_pre_hook(_stop) if stop_at is not None else None
+    try:
+        out = layer(_to(hidden, device), *_to(args, device), **_to(kwargs, device))
+    except _Stop:
+        return None
+    finally:
+        if handle is not None:
+            handle.remove()
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @torch.no_grad()
 def run_tail(model: nn.Module, layers: nn.ModuleList, batches: Iterable[dict[str, torch.Tensor]],
-             store: ActivationStore, modules: dict[str, nn.Module], on_batch: Callable[[dict], None]) -> None:  # fmt: skip
+             store: ActivationStore, modules: dict[str, nn.Module], on_batch: Callable[[dict, bool], None], *,
+             reference: ActivationStore | None = None) -> None:  # fmt: skip
     """Run what follows the layers on the stored last-layer outputs until every module in `modules` got its input.
 
-    `on_batch(batch)` is called before each batch's forward (e.g. to set the padding mask of a `MomentCollector`).
+    `on_batch(batch, is_reference)` is called before each forward (e.g. to set the padding mask of a
+    `MomentCollector`). With a `reference` store (the float model's last-layer outputs), each batch runs twice:
+    first on `reference` (``is_reference=True``), then on `store`.
     """
-    state: dict[str, Any] = {"index": 0, "seen": set()}
+    state: dict[str, Any] = {"hidden": None, "seen": set()}
 
     def make(index: int):
         def replay(*args, **kwargs):
             hidden, _, _ = _split(args, kwargs)
-            return store[state["index"]].to(hidden.device) if index == 0 else hidden
+            return state["hidden"].to(hidden.device) if index == 0 else hidden
 
         return replay
 
@@ -157,15 +173,17 @@ def run_tail(model: nn.Module, layers: nn.ModuleList, batches: Iterable[dict[str
 
     handles = [module.register_forward_pre_hook(seen(name)) for name, module in modules.items()]
     extra = _forward_kwargs(model)
+    streams = [(reference, True), (store, False)] if reference is not None else [(store, False)]
     try:
         with _patched(layers, make):
             for index, batch in enumerate(batches):
-                state["index"], state["seen"] = index, set()
-                on_batch(batch)
-                try:
-                    model(**batch, **extra)
-                except _Stop:
-                    pass
+                for source, is_reference in streams:
+                    state["hidden"], state["seen"] = source[index], set()
+                    on_batch(batch, is_reference)
+                    try:
+                        model(**batch, **extra)
+                    except _Stop:
+                        pass
     finally:
         for handle in handles:
             handle.remove()

@@ -9,6 +9,11 @@ activations go through the *compressed* layer to become the next layer's inputs,
 dropped. Finished layers can be moved to a mapped temporary file (`offload_layer`), activations spill to disk past a
 memory bound (`ActivationStore`). The modules after the layers (LM head, pooler) get their statistics from the last
 layer's outputs (`capture.run_tail`), embeddings are quantized last, calibration-free.
+
+A step with `float_target` (GPTQ's default) also gets the float model's activations: a second store carries them,
+and each layer is calibrated stage by stage (`stages.calibrate_in_stages`: q/k/v, then o_proj with q/k/v already
+quantized, ...), each stage's cross moments taken against the float layer's forward on the float stream, whose
+output becomes the float model's next activations. Both stores share the activation memory bound.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from ..plugin import attach_recipe, get_recipe
 from ..validation import check_supported
 from .capture import capture_inputs, run_layer, run_tail
 from .offload import ActivationStore, offload_layer, release_weights
+from .stages import calibrate_in_stages
 from .steps import LayerStep, step_for
 
 
@@ -82,6 +88,7 @@ def sequential_compress(
     offload_layers: bool | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    float_target: bool | float = True,
 ) -> nn.Module:
     """Compress a model layer by layer with calibration data, in memory of about one layer plus the activations.
 
@@ -102,6 +109,13 @@ def sequential_compress(
             model does not stay resident either (default: True for a folder, False for a model object).
         device (*optional*): run each layer there (e.g. ``"cuda"``), moving it back afterwards.
         progress (`bool`, defaults to True): a progress bar over the layers.
+        float_target (`bool` or `float`, defaults to True): GPTQ minimises each module's error to the *float
+            model's* outputs on its own inputs, ``||X_f W^T - X_q Q^T||``, so that a layer also corrects what the
+            layers before it got wrong; each layer is then calibrated stage by stage (q/k/v, o_proj, ...), and the
+            float model's activations are carried beside the quantized ones (twice the activation memory, more
+            layer forwards). A number in ``(0, 1]`` sets how much of that least-squares correction is applied (True:
+            `steps.DEFAULT_FLOAT_TARGET`, 0.5). False: the GPTQ paper's target, the float weights on the quantized
+            inputs, ``||X_q W^T - X_q Q^T||``, each layer in one pass.
 
     Returns:
         The compressed model; ``model.config.quantization_config`` holds the recipe, as after `apply_compression`,
@@ -135,7 +149,7 @@ def sequential_compress(
     previous = get_recipe(model)
     done = list(previous.techniques) if previous is not None else []
     check_canonical_order([*done, config])
-    step = step_for(config)
+    step = step_for(config, float_target=float_target)
     samples = max_samples if max_samples is not None else getattr(config, "calibration_samples", None)
     resolved = run_sequential(
         model, step, calibration, batch_size=batch_size, max_samples=samples,
@@ -168,26 +182,41 @@ def run_sequential(model: nn.Module, step: LayerStep, calibration: Calibration, 
     device = torch.device(device) if device is not None else None
     model.eval()
     step.prepare(model)
-    store = ActivationStore(_bound(max_activation_bytes), offload_dir)
+    bound = _bound(max_activation_bytes)
+    float_target = step.float_target
+    # With a float target, the float model's stream is stored too; the two share the activation memory bound.
+    half = None if bound is None or not float_target else bound // 2
+    store = ActivationStore(half if float_target else bound, offload_dir)
+    reference = ActivationStore(half, offload_dir) if float_target else None
     try:
         batches = list(calibration.batches(model, batch_size=batch_size, max_samples=max_samples))
         inputs = capture_inputs(model, layers, batches, store)
+        if reference is not None:
+            for b in range(len(store)):
+                reference.append(store[b])
         embedding = getattr(model.get_input_embeddings(), "weight", None) if adapter.embeddings else None
         release_weights([embedding] if embedding is not None else [])  # its looked-up pages; read again at the end
         home = store[0].device
+        identical = True  # both streams are the embeddings' outputs until a layer is compressed
         for index in tqdm(range(len(layers)), desc="sequential calibration", unit="layer", disable=not progress):
             prefix, layer = adapter.layer_prefix(model, index), layers[index]
             where = next((p.device for p in layer.parameters()), None)
             if device is not None:
                 layer.to(device)
-            with MomentCollector(step.layer_modules(model, prefix, layer), float64=step.float64) as collector:
-                for b, batch in enumerate(inputs):
-                    collector.set_mask(None if batch.mask is None else batch.mask.to(device or batch.mask.device))
-                    run_layer(layer, store[b], *batch.layer_args[index], device)
-            moments = collector.moments()
-            del collector  # its sums: a down_proj Hessian alone is in^2 x 4 bytes (268 MB at 8192 features)
-            released = step.compress_layer(model, prefix, moments)
-            del moments
+            modules = step.layer_modules(model, prefix, layer)
+            if reference is not None:  # stage by stage, against the float model's activations
+                released = calibrate_in_stages(model, step, layer, modules, inputs, index, store, reference,
+                                               identical, device, home)  # fmt: skip
+            else:
+                with MomentCollector(modules, float64=step.float64) as collector:
+                    for b, batch in enumerate(inputs):
+                        collector.set_mask(None if batch.mask is None else batch.mask.to(device or batch.mask.device))
+                        run_layer(layer, store[b], *batch.layer_args[index], device)
+                moments = collector.moments()
+                del collector  # its sums: a down_proj Hessian alone is in^2 x 4 bytes (268 MB at 8192 features)
+                released = step.compress_layer(model, prefix, moments)
+                del moments
+            identical = identical and not released
             for b, batch in enumerate(inputs):  # the next layer's inputs: this layer's outputs, as compressed
                 store[b] = run_layer(layer, store[b], *batch.layer_args[index], device).to(home)
             release_weights(released)
@@ -197,14 +226,18 @@ def run_sequential(model: nn.Module, step: LayerStep, calibration: Calibration, 
             if offload_layers:
                 offload_layer(layer, offload_dir)
         tail = step.tail_modules(model)
-        moments = {}
+        moments, cross = {}, {}
         if tail:
             with MomentCollector(tail, float64=step.float64) as collector:
-                run_tail(model, layers, batches, store, tail, lambda batch: collector.set_mask(batch.get("attention_mask")))
-            moments = collector.moments()
-        return step.finish(model, moments)
+                run_tail(model, layers, batches, store, tail,
+                         lambda batch, ref: collector.set_mask(batch.get("attention_mask"), reference=ref),
+                         reference=None if identical else reference)  # fmt: skip
+            moments, cross = collector.moments(), collector.cross_moments()
+        return step.finish(model, moments, cross if float_target else None)
     finally:
         store.close()
+        if reference is not None:
+            reference.close()
 
 
 def choose_sequential(sequential: bool | None, model_or_path: Any, configs: Any, calibration_data: Any) -> bool:

@@ -44,20 +44,24 @@ def _batches(count: int = 3, rows: int = 4, seq: int = 12, pad: int = 0, seed: i
 class _Recording(GPTQStep):
     """GPTQStep that keeps every Hessian it was given."""
 
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, **kwargs):
+        super().__init__(config, **kwargs)
         self.hessians: dict[str, torch.Tensor] = {}
 
-    def compress_layer(self, model, prefix, moments):
+    def compress_layer(self, model, prefix, moments, cross=None):
         self.hessians.update({k: v.clone() for k, v in moments.items()})
-        return super().compress_layer(model, prefix, moments)
+        return super().compress_layer(model, prefix, moments, cross)
+
+    def compress_modules(self, model, names, moments, cross=None):
+        self.hessians.update({k: v.clone() for k, v in moments.items()})
+        return super().compress_modules(model, names, moments, cross)
 
 
-def _sequential_hessians(model, data, **kwargs) -> dict[str, torch.Tensor]:
+def _sequential_hessians(model, data, float_target=True, **kwargs) -> dict[str, torch.Tensor]:
     from hf_compress.calibration import Calibration
     from hf_compress.sequential import run_sequential
 
-    step = _Recording(CONFIG)
+    step = _Recording(CONFIG, float_target=float_target)
     run_sequential(model, step, Calibration.of(data), progress=False, **kwargs)
     return step.hessians
 
@@ -85,24 +89,31 @@ def test_folder_to_reloadable_checkpoint(family, tmp_path):
     }
 
 
-def test_layer0_as_one_pass_later_layers_propagated():
+@pytest.mark.parametrize("float_target", [False, True])
+def test_layer0_as_one_pass_later_layers_propagated(float_target):
     base = tiny_model("llama", auto_class=AutoModelForCausalLM)
     data = _batches()
     seq_model, one_model = copy.deepcopy(base), copy.deepcopy(base)
-    hessians = _sequential_hessians(seq_model, data)
+    hessians = _sequential_hessians(seq_model, data, float_target=float_target)
     names = [n for n in hessians if n.startswith("model.layers.")]
+    assert len(names) == 14
     one_pass = collect_hessians(copy.deepcopy(base), names, iter(data))
-    for name in names:
-        if name.startswith("model.layers.0."):
-            torch.testing.assert_close(hessians[name], one_pass[name], rtol=1e-6, atol=1e-7)
+    # the modules that see the float model's own inputs: all of layer 0 when it is calibrated in one pass, its first
+    # stage (q/k/v, before any module is quantized) when stage by stage against the float model
+    first = [n for n in names if n.startswith("model.layers.0.") and
+             (not float_target or n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj"))]  # fmt: skip
+    assert len(first) == (7 if not float_target else 3)
+    for name in first:
+        torch.testing.assert_close(hessians[name], one_pass[name], rtol=1e-6, atol=1e-7)
     later = [n for n in names if n.startswith("model.layers.1.")]
     assert all(not torch.allclose(hessians[n], one_pass[n], rtol=1e-4, atol=1e-6) for n in later)
-    # layer 0 of the sequential model is exactly one-pass GPTQ's
+    # those modules of the sequential model are exactly one-pass GPTQ's
     apply_compression(one_model, CONFIG, calibration_data=data)
     seq_state, one_state = seq_model.state_dict(), one_model.state_dict()
-    for key in one_state:
-        if key.startswith("model.layers.0.") and "weight_" in key:
-            assert torch.equal(seq_state[key], one_state[key]), key
+    keys = [k for k in one_state if "weight_" in k and any(k.startswith(n + ".") for n in first)]
+    assert keys
+    for key in keys:
+        assert torch.equal(seq_state[key], one_state[key]), key
 
 
 def test_padding_does_not_change_hessians():
@@ -130,7 +141,7 @@ def test_disk_spill_equals_memory(tmp_path):
     assert list(tmp_path.iterdir()) == []  # spill folder and layer files removed
 
 
-def test_sequential_error_as_one_pass_on_minilm(minilm, minilm_tokenizer, debian_texts):
+def test_sequential_beats_one_pass_on_minilm(minilm, minilm_tokenizer, debian_texts):
     from conftest import pooled_embeddings
 
     calibration, held_out = debian_texts[:32], debian_texts[32:]
@@ -145,10 +156,11 @@ def test_sequential_error_as_one_pass_on_minilm(minilm, minilm_tokenizer, debian
             sequential_compress(model, config, calibration, tokenizer=minilm_tokenizer, progress=False)
         embedding = pooled_embeddings(model, minilm_tokenizer, held_out)
         cosines[name] = torch.nn.functional.cosine_similarity(embedding, reference).mean().item()
-    # Measured on the 1,040 Debian test texts (bench.quantization harness): one-pass 0.98949, sequential 0.98923 with
-    # 128 calibration texts; 0.98736 / 0.98720 with 32. Layer-wise GPTQ on propagated inputs is not better on this
-    # 6-layer encoder, only as good: its error stays within 5 % of one-pass's.
-    assert 1 - cosines["sequential"] <= 1.05 * (1 - cosines["one-pass"]), cosines
+    print(cosines)
+    # Measured on the 480 Debian test texts of bench.quantization with its 128 calibration texts: one-pass 0.98949,
+    # sequential against the float model's outputs 0.99229 (27 % less error; against the float weights on the
+    # quantized inputs, float_target=False, 0.98872). Here, 32 texts calibrate and the rest of the suite's are held out.
+    assert 1 - cosines["sequential"] <= 0.9 * (1 - cosines["one-pass"]), cosines
 
 
 _MEMORY_CHILD = textwrap.dedent(
