@@ -163,6 +163,10 @@ def compress(
                                      latency_rounds=latency_rounds), structural)  # fmt: skip
 
     exports = _export_targets(export, output_dir)
+    if "compressed-tensors" in exports:  # free float offsets cannot be stored there: say so before compressing
+        from ..export.compressed_tensors import check_configs
+
+        check_configs(configs)
     sequential = choose_sequential(sequential, model_or_id, configs, calibration_data)
     if output_dir is not None:  # refuse a folder before the work, not after it
         check_output_dir(output_dir, overwrite, source_folders(model_or_id, tokenizer))

@@ -102,9 +102,18 @@ def _scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> tor
     return buffer
 
 
-def quantized_matmul(layer: QuantLinear, x2: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x2 @ W^T (+ bias)`` for a 2-D input already in the compute dtype."""
+def quantized_matmul(
+    layer: QuantLinear, x2: torch.Tensor, bias: torch.Tensor | None = None, fake_quantized: bool = False
+) -> torch.Tensor:
+    """``x2 @ W^T (+ bias)`` for a 2-D input already in the compute dtype (for ``activations="int8_static"``: the
+    raw input, or with `fake_quantized` one already on its grid, `QuantLinear.quantize_input`'s, as training uses)."""
     rows = x2.shape[0]
+    if layer.activations == "int8_static" and fake_quantized:
+        return _dense(layer, x2, bias)
+    if layer.activations == "int8_static":
+        out = _try(_static_int8, layer, x2, bias)
+        # the fallback (no int8 matmul for this device or shape): the same input grid, fake-quantized
+        return out if out is not None else _dense(layer, layer.quantize_input(x2), bias)
     if layer.activations == "int8_dynamic" and rows > SMALL_M:
         out = _try(_dynamic_int8, layer, x2, bias)
         if out is not None:
@@ -226,12 +235,12 @@ def _dynamic_int8(layer: QuantLinear, x2: torch.Tensor, bias: torch.Tensor | Non
         raise NotImplementedError("torch._int_mm on CUDA needs rows > 16 and features divisible by 8")
     scale = layer.weight_scale[:, 0]
     if x2.device.type == "cpu" and not torch.is_grad_enabled():
-        fused = _fused_dynamic_int8()
+        fused = _fused("dynamic", _dynamic_int8_eager)
         if fused is not None:
             try:
                 return fused(x2, layer.weight_packed.t(), scale, bias)
             except Exception:  # noqa: BLE001  (any compiler failure: remember it, run eagerly from now on)
-                _FUSED["fn"] = None
+                _FUSED["dynamic"] = None
     return _dynamic_int8_eager(x2, layer.weight_packed.t(), scale, bias)
 
 
@@ -244,16 +253,51 @@ def _dynamic_int8_eager(x2, weight_t, weight_scale, bias):
     return out if bias is None else out + bias
 
 
+def _static_int8(layer: QuantLinear, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``activations="int8_static"`` as a real int8 x int8 matmul: the calibrated uint8 grid of the input
+    (`QuantLinear.quantize_input`'s), shifted by 128 into int8 for ``torch._int_mm``, and the shift and the zero point
+    folded back through the weight's per-channel integer sums. Integer arithmetic up to the final scaling, as in the
+    QuantizeLinear -> int8 MatMul the ONNX / OpenVINO exports run."""
+    if layer.group_size != layer.in_features or layer.weight_zero is not None or layer.bits != 8:
+        raise NotImplementedError("int8 x int8 matmuls take symmetric int8 weights with one scale per output channel")
+    if x2.device.type == "cuda" and (x2.shape[0] <= 16 or x2.shape[1] % 8 or layer.out_features % 8):
+        raise NotImplementedError("torch._int_mm on CUDA needs rows > 16 and features divisible by 8")
+    sums = layer._kernel_cache.get(("int8_static_sums", x2.device))
+    if sums is None:  # constant per layer: computed once (out_features int32, negligible next to the weight)
+        sums = layer._kernel_cache[("int8_static_sums", x2.device)] = layer.weight_packed.sum(1, dtype=torch.int32)
+    args = (x2, layer.input_multiplier, layer.input_scale, layer.input_zero_point, layer.weight_packed.t(),
+            layer.weight_scale[:, 0], sums, bias)  # fmt: skip
+    if x2.device.type == "cpu" and not torch.is_grad_enabled():
+        fused = _fused("static", _static_int8_eager)
+        if fused is not None:
+            try:
+                return fused(*args)
+            except Exception:  # noqa: BLE001  (any compiler failure: remember it, run eagerly from now on)
+                _FUSED["static"] = None
+    return _static_int8_eager(*args)
+
+
+def _static_int8_eager(x2, multiplier, x_scale, x_zero, weight_t, weight_scale, weight_sums, bias):
+    # The same float32 formula as torch.fake_quantize_per_tensor_affine (x * (1 / scale), round half to even).
+    x_scale, x_zero = x_scale.float(), x_zero.float().round()
+    u = torch.clamp(torch.round(x2.float() * multiplier.float() * (1.0 / x_scale) + x_zero), 0, 255)
+    acc = torch._int_mm((u - 128).to(torch.int8), weight_t)
+    # (u - zp) @ W^T == (u - 128) @ W^T + (128 - zp) * W.sum(1)
+    out = (acc.float() + (128 - x_zero) * weight_sums.float()) * (x_scale * weight_scale.float())
+    out = out.to(x2.dtype)
+    return out if bias is None else out + bias
+
+
 # Eagerly, quantizing the activations and scaling the int32 result take 6-8 passes over memory, more time than the
 # int8 matmul itself (measured 60 % of a MiniLM forward). torch.compile fuses each side into a single loop; it needs a
 # C++ compiler, so it is tried once per process and the eager version is used wherever it is unavailable.
 _FUSED: dict = {}
 
 
-def _fused_dynamic_int8():
-    if "fn" not in _FUSED:
+def _fused(name: str, fn):
+    if name not in _FUSED:
         try:
-            _FUSED["fn"] = torch.compile(_dynamic_int8_eager, dynamic=True)
+            _FUSED[name] = torch.compile(fn, dynamic=True)
         except Exception:  # noqa: BLE001
-            _FUSED["fn"] = None
-    return _FUSED["fn"]
+            _FUSED[name] = None
+    return _FUSED[name]

@@ -120,7 +120,7 @@ class _QuantMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
         ctx.layer = layer
-        return quantized_matmul(layer, x2)
+        return quantized_matmul(layer, x2, fake_quantized=True)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -257,10 +257,11 @@ class QuantLinear(_QuantizedBuffers):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute = self.compute_dtype
-        x2 = self.quantize_input(x.reshape(-1, self.in_features).to(compute))
+        x2 = x.reshape(-1, self.in_features).to(compute)
         bias = None if self.bias is None else self.bias.to(compute)
         if torch.is_grad_enabled() and (x2.requires_grad or (bias is not None and bias.requires_grad)):
-            out = _QuantMatmul.apply(x2, self)
+            # training (LoRA, QAT): the fake-quantized input, differentiable straight through the grid
+            out = _QuantMatmul.apply(self.quantize_input(x2), self)
             out = out if bias is None else out + bias
         else:
             out = quantized_matmul(self, x2, bias)

@@ -54,6 +54,18 @@ def test_compress_refuses_bad_export_targets_before_any_work(export, error, word
     assert not (tmp_path / "m").exists()
 
 
+def test_compress_refuses_float_offsets_for_compressed_tensors_before_any_work(tmp_path):
+    # int4 defaults to asymmetric layers with free float offsets, which compressed-tensors cannot store: the error
+    # must come before the compression (and name the option that fixes it), not after a finished run.
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"zero_point='integer'"):
+        hf_compress.compress(model, WeightQuantizationConfig(bits=4), output_dir=tmp_path / "m",
+                             export="compressed-tensors")  # fmt: skip
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not (tmp_path / "m").exists()
+
+
 def test_cli_export_writes_the_engine_folder(tmp_path, capsys):
     model = tiny_model("bert")
     hf_compress.apply_compression(model, WeightQuantizationConfig(bits=4, algorithm="rtn", compute_dtype="float32"))

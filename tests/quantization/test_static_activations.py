@@ -111,6 +111,52 @@ def test_layer_input_is_what_quantize_linear_computes(compute_dtype):
     assert 0 <= int(layer.input_zero_point) <= 255 and float(layer.input_scale) > 0
 
 
+@pytest.mark.parametrize("compute_dtype", COMPUTE_DTYPES)
+@pytest.mark.parametrize("rows", [3, 64])
+def test_inference_runs_the_int8_matmul_exactly(compute_dtype, rows):
+    # Inference multiplies the uint8 grid by the int8 weight in integers (torch._int_mm), as the exported
+    # QuantizeLinear -> int8 MatMul does: against the float64 value of that product, only the final scaling and the
+    # output cast round, so it is at least as close as the fake-quantized float GEMM (which also rounds the input
+    # and the weight to the compute dtype). The training path keeps the fake-quantized input (a gradient through
+    # the grid) and agrees with inference to the compute dtype's rounding.
+    model = tiny_model("bert")
+    _static(model)
+    for name in ("encoder.layer.0.intermediate.dense", "encoder.layer.1.output.dense"):
+        layer = model.get_submodule(name).to(compute_dtype)
+        layer.compute_dtype = compute_dtype
+        x = (torch.randn(rows, layer.in_features) * 3).to(compute_dtype)
+        with torch.inference_mode():
+            fast = layer(x).double()
+            fake = layer.quantize_input(x).double() @ layer.dequantize().double().t() + layer.bias.double()
+        u = torch.clamp(torch.round(x.float() * layer.input_multiplier.float() * (1 / layer.input_scale.float())
+                                    + layer.input_zero_point.float()), 0, 255).double()  # fmt: skip
+        weight = layer.weight_packed.double() * layer.weight_scale.double()
+        exact = (u - float(layer.input_zero_point)) * float(layer.input_scale) @ weight.t() + layer.bias.double()
+        eps = torch.finfo(compute_dtype).eps
+        assert (fast - exact).abs().max() <= 2 * eps * exact.abs().max()  # one output rounding, with margin
+        assert (fast - exact).abs().max() <= (fake - exact).abs().max() + eps * exact.abs().max()
+        assert not layer._unsupported  # the int8 kernel ran, no fallback
+        xg = x.clone().requires_grad_(True)
+        trained = layer(xg)
+        trained.sum().backward()
+        assert xg.grad is not None and xg.grad.abs().sum() > 0
+        torch.testing.assert_close(trained.detach().double(), fast, atol=8 * eps * exact.abs().max().item(), rtol=0)
+
+
+def test_grouped_weights_fall_back_to_the_fake_quantized_input():
+    # torch._int_mm takes one weight scale per output channel: group-wise int8 weights cannot run it, so the layer
+    # multiplies the fake-quantized input densely (same grid, float GEMM) instead of failing.
+    layer = QuantLinear.from_float(torch.nn.Linear(64, 48), bits=8, group_size=32, activations="int8_static",
+                                   compute_dtype=torch.float32)  # fmt: skip
+    layer.set_static_input(torch.rand(64) + 0.5, 0.02, 120)
+    x = torch.randn(40, 64)
+    with torch.inference_mode():
+        out = layer(x)
+        expected = layer.quantize_input(x) @ layer.dequantize().t() + layer.bias
+    torch.testing.assert_close(out, expected)
+    assert any(key[0] == "_static_int8" for key in layer._unsupported)
+
+
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
 def test_quantized_model_is_close_and_reloads_bit_exact(family, tmp_path):
     auto = AutoModelForCausalLM if family in ("gpt2", "llama") else AutoModel
