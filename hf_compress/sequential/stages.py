@@ -86,7 +86,8 @@ def calibrate_in_stages(model: nn.Module, step: LayerStep, layer: nn.Module, mod
     released: list[torch.Tensor] = []
     for number, stage in enumerate(stages):
         last, same = number == len(stages) - 1, identical and number == 0
-        stop = None if last else modules[stage[-1]]
+        stop = None if last else modules[stage[-1]]  # the float forward of the last stage gives the layer's output
+        stop_quantized = None if same and last else modules[stage[-1]]
         with MomentCollector({name: modules[name] for name in stage}, float64=step.float64) as collector:
             for b, batch in enumerate(inputs):
                 mask = None if batch.mask is None else batch.mask.to(device or batch.mask.device)
@@ -98,7 +99,7 @@ def calibrate_in_stages(model: nn.Module, step: LayerStep, layer: nn.Module, mod
                     if last:
                         reference[b] = out.to(home)
                 collector.set_mask(mask)
-                out = run_layer(layer, store[b], *args, device, stop_at=stop)
+                out = run_layer(layer, store[b], *args, device, stop_at=stop_quantized)
                 if same and last:  # a one-stage layer on identical streams: this was the float layer's forward
                     reference[b] = out.to(home)
                 del out
