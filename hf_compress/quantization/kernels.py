@@ -72,9 +72,10 @@ def dequantized_weight(
     if layout_of(layer) == CPU_INT4PACK:
         q = layer_nibbles(layer).view(torch.int8) - 8
     elif layer.bits == 4 and dtype.is_floating_point:
-        shape = (layer.weight_packed.shape[0], layer.in_features)
-        q = out = unpack_int4_into(layer.weight_packed, out if out is not None else torch.empty(
-            shape, dtype=dtype, device=layer.weight_packed.device))  # fmt: skip
+        packed = layer.weight_packed
+        shape = (packed.shape[0], layer.in_features)
+        out = out if out is not None else torch.empty(shape, dtype=dtype, device=packed.device)
+        q = out = unpack_int4_into(packed, out, _scratch(packed.shape, torch.int32, packed.device))
     else:
         q = unpack(layer.weight_packed, layer.bits)
     return dequantize_groups(q, layer.weight_scale, layer.weight_zero, dtype, out=out)

@@ -51,8 +51,11 @@ _PAIR_TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 _PAIR_INT = {2: torch.int32, 4: torch.int64}
 
 
-def unpack_int4_into(packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Centred int4 values of ``uint8 [..., k]`` written into the float tensor `out` (``[..., 2k]``); returns `out`."""
+def unpack_int4_into(packed: torch.Tensor, out: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Centred int4 values of ``uint8 [..., k]`` written into the float tensor `out` (``[..., 2k]``); returns `out`.
+
+    `index` (``int32``, one element per byte of `packed`), when given, receives the gather indices instead of a new
+    tensor (a reused buffer is not page-faulted in again on every call)."""
     pair = _PAIR_INT.get(out.dtype.itemsize)
     if pair is None or not out.is_contiguous():  # float64, or a view: the plain way
         return out.copy_(unpack_int4(packed))
@@ -62,7 +65,9 @@ def unpack_int4_into(packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         byte = torch.arange(256, device=out.device)
         pairs = torch.stack(((byte & 15) - 8, (byte >> 4) - 8), -1).to(out.dtype).contiguous()
         table = _PAIR_TABLES[key] = pairs.view(pair).view(256)
-    torch.index_select(table, 0, packed.reshape(-1).to(torch.int32), out=out.view(pair).view(-1))
+    flat = packed.reshape(-1)
+    index = flat.to(torch.int32) if index is None else index.view(-1).copy_(flat)
+    torch.index_select(table, 0, index, out=out.view(pair).view(-1))
     return out
 
 

@@ -12,7 +12,7 @@ from hf_compress.quantization import QuantEmbedding, QuantLinear, WeightQuantiza
 from hf_compress.quantization.algorithms import quantize_weight
 from hf_compress.quantization.config import ModuleSpec
 from hf_compress.quantization.kernels import SMALL_M, _dense, quantized_matmul
-from hf_compress.quantization.packing import dequantize_groups, pack, pack_int4, unpack, unpack_int4
+from hf_compress.quantization.packing import dequantize_groups, pack, pack_int4, unpack, unpack_int4, unpack_int4_into
 from hf_compress.utils import aligned
 
 
@@ -25,6 +25,12 @@ def test_int4_pack_roundtrip(rows, half_cols, seed):
     assert torch.equal(unpack_int4(packed), q)
     # Portable layout: even column in the low nibble, offset by 8.
     assert torch.equal(packed[:, 0] & 15, (q[:, 0] + 8).to(torch.uint8))
+    # The table unpacking into float outputs, with and without a caller's (dirty) index buffer.
+    for dtype in (torch.float32, torch.bfloat16):
+        fresh = unpack_int4_into(packed, torch.empty(q.shape, dtype=dtype))
+        index = torch.full(packed.shape, 255, dtype=torch.int32)
+        reused = unpack_int4_into(packed, torch.empty(q.shape, dtype=dtype), index)
+        assert torch.equal(fresh, q.to(dtype)) and torch.equal(reused, fresh)
 
 
 @settings(max_examples=20, deadline=None)
@@ -259,7 +265,7 @@ def test_fused_dynamic_int8_matches_the_eager_kernel():
         fused = quantized_matmul(layer, x, layer.bias)
         eager = kernels._dynamic_int8_eager(x, layer.weight_packed.t(), layer.weight_scale[:, 0], layer.bias)
     if shutil.which("c++") or shutil.which("g++"):  # torch.compile builds the fused loops with the C++ compiler
-        assert kernels._FUSED.get("fn") is not None
+        assert kernels._FUSED.get("dynamic") is not None
     torch.testing.assert_close(fused, eager, atol=1e-4, rtol=1e-4)
 
 
