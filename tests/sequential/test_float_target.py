@@ -145,7 +145,7 @@ def test_float_target_is_closer_to_the_float_model():
             logp = [model(**b).logits.float().log_softmax(-1) for b in held_out]
         kl[variant] = sum(torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean").item()
                                for p, q in zip(reference, logp, strict=True))  # fmt: skip
-    print(kl)
+    # measured: one-pass 0.0172, plain sequential 0.0171, float target 0.0104
     assert kl[True] < 0.9 * min(kl[False], kl["one-pass"]), kl
 
 
