@@ -161,8 +161,9 @@ _CALIBRATED_CHILD = _RSS_SAMPLER + textwrap.dedent(
     time.sleep(0.1)
     base = dict(peak)
     start = time.time()
+    float_target = {"on": True, "off": False}[sys.argv[8]]
     model = sequential_compress(path, WeightQuantizationConfig(bits=4, algorithm="gptq"), batches,
-                                max_activation_bytes=bound, progress=True)
+                                max_activation_bytes=bound, progress=True, float_target=float_target)
     seconds = time.time() - start
     time.sleep(0.1)
     calibrated = dict(peak)
@@ -223,7 +224,8 @@ def calibrated(args: argparse.Namespace) -> None:
         ids_file = Path(tmp) / "ids.pt"
         torch.save(calibration_ids(args.samples, args.seq_len), ids_file)
         command = [sys.executable, "-c", _CALIBRATED_CHILD, str(path), str(Path(tmp) / "int4"), str(args.samples),
-                   str(args.seq_len), args.activation_memory, str(args.threads), str(ids_file)]  # fmt: skip
+                   str(args.seq_len), args.activation_memory, str(args.threads), str(ids_file),
+                   "off" if args.no_float_target else "on"]  # fmt: skip
         result = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
         if result.returncode:
             raise SystemExit(f"sequential GPTQ failed (exit {result.returncode}); its stderr is above")
@@ -258,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--activation-memory", default="auto",
                         help="--calibrated: max_activation_bytes: 'auto', 'none' or bytes (0: on disk)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=2, help="--calibrated: torch threads (default 2)")
+    parser.add_argument("--no-float-target", action="store_true",
+                        help="--calibrated: plain sequential GPTQ (no float-model target: one in x in moment less)")
     parser.add_argument("--layers", type=int, default=None,
                         help="--calibrated: build the checkpoint with this many layers (same widths; quicker)")  # fmt: skip
     args = parser.parse_args(argv)
