@@ -13,7 +13,7 @@ from typing import Any
 from ..validation import WrongTypeError, check_bool, check_number, describe
 
 
-__all__ = ["check_compress_args", "check_one_source", "load_config", "recipe_configs"]
+__all__ = ["check_compress_args", "check_one_source", "export_targets", "load_config", "recipe_configs"]
 
 
 def check_one_source(given: list[str], options: bool = False) -> None:
@@ -207,3 +207,24 @@ def recipe_configs(recipe: Any) -> list:
             "{'method': 'weight_quantization', 'bits': 8}."
         )
     return [r if isinstance(r, TechniqueConfig) else TechniqueConfig.from_dict(r) for r in recipe]
+
+
+def export_targets(export: Any, output_dir: Any, configs) -> list[str]:
+    """The export targets asked for, checked before any work (a typo must not cost a finished compression), with
+    the configs they cannot hold (free float offsets for compressed-tensors)."""
+    if export is None:
+        return []
+    from ..export import TARGETS
+    from ..export.compressed_tensors import check_configs
+
+    targets = [export] if isinstance(export, str) else export
+    if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+        raise TypeError(f"export must be a target name or a list of them, one of {list(TARGETS)}; got {export!r}.")
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise ValueError(f"export got unknown target(s) {unknown}; choose from {list(TARGETS)}.")
+    if targets and output_dir is None:
+        raise ValueError(f"export={export!r} writes next to the saved model: pass output_dir=... too.")
+    if "compressed-tensors" in targets:
+        check_configs(configs)
+    return list(dict.fromkeys(targets))

@@ -20,7 +20,7 @@ from ..registry import get_technique
 from ..sequential import choose_sequential, sequential_compress
 from ..validation import texts_of
 from .apply import apply_compression
-from .checks import check_compress_args, check_one_source, recipe_configs
+from .checks import check_compress_args, check_one_source, export_targets, recipe_configs
 from .loading import load_model
 from .presets import DEFAULT_PRESET, preset_configs
 
@@ -162,11 +162,7 @@ def compress(
                                      card=card, private=private, progress=progress, max_eval_texts=max_eval_texts,
                                      latency_rounds=latency_rounds), structural)  # fmt: skip
 
-    exports = _export_targets(export, output_dir)
-    if "compressed-tensors" in exports:  # free float offsets cannot be stored there: say so before compressing
-        from ..export.compressed_tensors import check_configs
-
-        check_configs(configs)
+    exports = export_targets(export, output_dir, configs)
     sequential = choose_sequential(sequential, model_or_id, configs, calibration_data)
     if output_dir is not None:  # refuse a folder before the work, not after it
         check_output_dir(output_dir, overwrite, source_folders(model_or_id, tokenizer))
@@ -272,23 +268,6 @@ class _StageBar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def _export_targets(export: Any, output_dir: Any) -> list[str]:
-    """The export targets asked for, checked before any work (a typo must not cost a finished compression)."""
-    if export is None:
-        return []
-    from ..export import TARGETS
-
-    targets = [export] if isinstance(export, str) else export
-    if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
-        raise TypeError(f"export must be a target name or a list of them, one of {list(TARGETS)}; got {export!r}.")
-    unknown = [t for t in targets if t not in TARGETS]
-    if unknown:
-        raise ValueError(f"export got unknown target(s) {unknown}; choose from {list(TARGETS)}.")
-    if targets and output_dir is None:
-        raise ValueError(f"export={export!r} writes next to the saved model: pass output_dir=... too.")
-    return list(dict.fromkeys(targets))
 
 
 def _apply(model, configs, calibration_data, original, distill, tokenizer, task_rows=None,

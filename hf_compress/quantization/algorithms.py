@@ -6,19 +6,21 @@ rounded to the storage dtype *before* the final rounding of ``q``, so the intege
 that are actually stored.
 
 ``zero_point="integer"`` constrains every offset to ``zero = -zp * scale`` with an integer ``zp`` in the centred
-range, exactly in the storage dtype (`integer_zero_points`): the ``w = (q - zp) * scale`` form that compressed-tensors
-and vLLM store.
+range, exactly in the storage dtype (`zero_points.integer_zero_points`): the ``w = (q - zp) * scale`` form that
+compressed-tensors and vLLM store.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 
+from .grid import grid_error as _error
+from .grid import storable as _storable
 from .packing import qrange
+from .zero_points import integer_zero_points
 
 
 __all__ = [
@@ -29,7 +31,6 @@ __all__ = [
     "block_rows",
     "storable_scales",
     "group_scales",
-    "integer_zero_points",
     "ZERO_POINTS",
 ]
 
@@ -170,66 +171,6 @@ def storable_scales(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
     return integer_zero_points(w, scale, zero, bits, dtype, p)
 
 
-# Scale candidates tried on each side of the nearest storable scale. A centred int4 zero point has an odd part of at
-# most 3 bits (7), so a scale whose significand is a multiple of 8 makes ``zp * scale`` exact in any float dtype, and
-# 8 consecutive significands always hold one.
-_NEIGHBOURS = 4
-
-
-def integer_zero_points(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype,
-                        p: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Storable (scale, zero) with ``zero == -zp * scale`` exactly in `dtype`, ``zp`` an integer in `qrange(bits)`.
-
-    Rounding ``zp = round(-zero / scale)`` alone is not enough: ``zp * scale`` of a bf16 scale needs up to 11
-    significant bits, and a rounded bf16 offset would differ from the integer form by up to 1/64 of a step. So the
-    scale moves to one of the storable values within `_NEIGHBOURS` steps of the float one for which ``zp * scale`` is
-    exactly storable too, choosing per group the candidate of least ``l_p`` reconstruction error on `w`. For 8 bits
-    the zero point may also move to a neighbour with at most 3 significant bits (so a candidate always exists).
-    """
-    lo, hi = qrange(bits)
-    base, _ = _storable(scale, None, dtype)
-    ints = base.view(torch.int16 if dtype.itemsize == 2 else torch.int32)  # positive floats: +1 is the next value
-    # float32 scales keep 24 - bits significant bits, so that q * scale, zp * scale and (q - zp) * scale are all
-    # exact in float32 and w = q * scale + zero dequantizes bit for bit like (q - zp) * scale (bf16 and fp16 scales
-    # have few enough bits already).
-    digits = 1 - round(math.log2(torch.finfo(dtype).eps))  # significant bits: 8 bf16, 11 fp16, 24 fp32
-    unit = 1 << max(0, digits - (24 - bits))
-    ints = (ints + unit // 2) // unit * unit
-    best_err = best_scale = best_zp = None
-    for step in range(-_NEIGHBOURS, _NEIGHBOURS + 1):
-        candidate = (ints + step * unit).view(dtype)
-        c = candidate.double()
-        zp = torch.round(-zero.double() / c).clamp_(lo, hi)
-        for zps in (zp, *_few_bits(zp, lo, hi)) if bits > 4 else (zp,):
-            exact = (zps * c).to(dtype).double() == zps * c
-            valid = exact & (c > 0) & torch.isfinite(c)
-            err, _ = _error(w, c.float(), (-zps * c).float(), bits, p)
-            err = torch.where(valid, err, torch.full_like(err, float("inf")))
-            if best_err is None:
-                best_err, best_scale, best_zp = err, candidate, zps
-                continue
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_scale, best_zp = torch.where(better, candidate, best_scale), torch.where(better, zps, best_zp)
-    assert torch.isfinite(best_err).all(), "no storable integer zero point found"  # a multiple of 8 is always there
-    return best_scale, (-best_zp * best_scale.double()).to(dtype)
-
-
-def _few_bits(zp: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The integers below and above `zp` with at most 3 significant bits (e.g. 100 -> 96, 112)."""
-    step = torch.exp2(torch.floor(torch.log2(zp.abs().clamp(min=1))) - 2).clamp(min=1)
-    down = torch.trunc(zp / step) * step
-    up = (down + torch.sign(zp) * step).clamp(lo, hi)
-    return down, up
-
-
-def _storable(scale: torch.Tensor, zero: torch.Tensor | None, dtype: torch.dtype):
-    """Round to the storage dtype; a zero or subnormal scale (all-zero group) becomes 1 so nothing divides by 0."""
-    tiny = torch.finfo(dtype).tiny
-    scale = torch.where(scale.abs() > tiny * 16, scale, torch.ones_like(scale)).to(dtype)
-    return scale, None if zero is None else zero.to(dtype)
-
-
 def _minmax(w: torch.Tensor, bits: int, symmetric: bool, ratio: torch.Tensor | float = 1.0):
     """Round-to-nearest grid over the (optionally shrunk by `ratio`) range of each group."""
     lo, hi = qrange(bits)
@@ -240,16 +181,6 @@ def _minmax(w: torch.Tensor, bits: int, symmetric: bool, ratio: torch.Tensor | f
     wmax = w.amax(-1, keepdim=True).clamp(min=0) * ratio
     scale = (wmax - wmin) / (hi - lo)
     return scale, wmin - lo * scale
-
-
-def _error(w, scale, zero, bits, p: float = 2.0):
-    lo, hi = qrange(bits)
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = (w / safe if zero is None else (w - zero).div_(safe)).round_().clamp_(lo, hi)
-    rec = q * safe if zero is None else torch.addcmul(zero, q, safe)
-    diff = rec.sub_(w).abs_()
-    err = diff.square_() if p == 2.0 else diff.pow_(p)
-    return err.sum(-1, keepdim=True), q
 
 
 def _least_squares(w: torch.Tensor, bits: int, symmetric: bool, grid: int = 10, iters: int = 4,
