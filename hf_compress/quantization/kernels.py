@@ -109,12 +109,10 @@ def quantized_matmul(
     """``x2 @ W^T (+ bias)`` for a 2-D input already in the compute dtype (for ``activations="int8_static"``: the
     raw input, or with `fake_quantized` one already on its grid, `QuantLinear.quantize_input`'s, as training uses)."""
     rows = x2.shape[0]
-    if layer.activations == "int8_static" and fake_quantized:
-        return _dense(layer, x2, bias)
     if layer.activations == "int8_static":
-        out = _try(_static_int8, layer, x2, bias)
-        # the fallback (no int8 matmul for this device or shape): the same input grid, fake-quantized
-        return out if out is not None else _dense(layer, layer.quantize_input(x2), bias)
+        out = None if fake_quantized else _try(_static_int8, layer, x2, bias)
+        # without the int8 matmul (training, or a device or shape it refuses): the same grid, fake-quantized
+        return out if out is not None else _dense(layer, x2 if fake_quantized else layer.quantize_input(x2), bias)
     if layer.activations == "int8_dynamic" and rows > SMALL_M:
         out = _try(_dynamic_int8, layer, x2, bias)
         if out is not None:
@@ -229,20 +227,17 @@ def _int4_kernel_layout(layer: QuantLinear, device: torch.device) -> tuple[torch
     return weight, scales_and_zeros
 
 
-def _dynamic_int8(layer: QuantLinear, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if layer.group_size != layer.in_features or layer.weight_zero is not None:
-        raise NotImplementedError("int8 x int8 matmuls take symmetric weights with one scale per output channel")
+def _check_int_mm(layer: QuantLinear, x2: torch.Tensor) -> None:
+    """Refuse (so `_try` falls back) what ``torch._int_mm`` with a per-output-channel rescale cannot compute."""
+    if layer.bits != 8 or layer.group_size != layer.in_features or layer.weight_zero is not None:
+        raise NotImplementedError("int8 x int8 matmuls take symmetric int8 weights with one scale per output channel")
     if x2.device.type == "cuda" and (x2.shape[0] <= 16 or x2.shape[1] % 8 or layer.out_features % 8):
         raise NotImplementedError("torch._int_mm on CUDA needs rows > 16 and features divisible by 8")
-    scale = layer.weight_scale[:, 0]
-    if x2.device.type == "cpu" and not torch.is_grad_enabled():
-        fused = _fused("dynamic", _dynamic_int8_eager)
-        if fused is not None:
-            try:
-                return fused(x2, layer.weight_packed.t(), scale, bias)
-            except Exception:  # noqa: BLE001  (any compiler failure: remember it, run eagerly from now on)
-                _FUSED["dynamic"] = None
-    return _dynamic_int8_eager(x2, layer.weight_packed.t(), scale, bias)
+
+
+def _dynamic_int8(layer: QuantLinear, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    _check_int_mm(layer, x2)
+    return _fused_or_eager("dynamic", _dynamic_int8_eager, x2, layer.weight_packed.t(), layer.weight_scale[:, 0], bias)
 
 
 def _dynamic_int8_eager(x2, weight_t, weight_scale, bias):
@@ -259,23 +254,12 @@ def _static_int8(layer: QuantLinear, x2: torch.Tensor, bias: torch.Tensor | None
     (`QuantLinear.quantize_input`'s), shifted by 128 into int8 for ``torch._int_mm``, and the shift and the zero point
     folded back through the weight's per-channel integer sums. Integer arithmetic up to the final scaling, as in the
     QuantizeLinear -> int8 MatMul the ONNX / OpenVINO exports run."""
-    if layer.group_size != layer.in_features or layer.weight_zero is not None or layer.bits != 8:
-        raise NotImplementedError("int8 x int8 matmuls take symmetric int8 weights with one scale per output channel")
-    if x2.device.type == "cuda" and (x2.shape[0] <= 16 or x2.shape[1] % 8 or layer.out_features % 8):
-        raise NotImplementedError("torch._int_mm on CUDA needs rows > 16 and features divisible by 8")
+    _check_int_mm(layer, x2)
     sums = layer._kernel_cache.get(("int8_static_sums", x2.device))
     if sums is None:  # constant per layer: computed once (out_features int32, negligible next to the weight)
         sums = layer._kernel_cache[("int8_static_sums", x2.device)] = layer.weight_packed.sum(1, dtype=torch.int32)
-    args = (x2, layer.input_multiplier, layer.input_scale, layer.input_zero_point, layer.weight_packed.t(),
-            layer.weight_scale[:, 0], sums, bias)  # fmt: skip
-    if x2.device.type == "cpu" and not torch.is_grad_enabled():
-        fused = _fused("static", _static_int8_eager)
-        if fused is not None:
-            try:
-                return fused(*args)
-            except Exception:  # noqa: BLE001  (any compiler failure: remember it, run eagerly from now on)
-                _FUSED["static"] = None
-    return _static_int8_eager(*args)
+    return _fused_or_eager("static", _static_int8_eager, x2, layer.input_multiplier, layer.input_scale,
+                           layer.input_zero_point, layer.weight_packed.t(), layer.weight_scale[:, 0], sums, bias)  # fmt: skip
 
 
 def _static_int8_eager(x2, multiplier, x_scale, x_zero, weight_t, weight_scale, weight_sums, bias):
@@ -295,10 +279,18 @@ def _static_int8_eager(x2, multiplier, x_scale, x_zero, weight_t, weight_scale, 
 _FUSED: dict = {}
 
 
-def _fused(name: str, fn):
-    if name not in _FUSED:
-        try:
-            _FUSED[name] = torch.compile(fn, dynamic=True)
-        except Exception:  # noqa: BLE001
-            _FUSED[name] = None
-    return _FUSED[name]
+def _fused_or_eager(name: str, eager, x2: torch.Tensor, *args):
+    """`eager(x2, *args)`, through its torch.compile'd version on CPU at inference (compiled once per process; any
+    compiler failure is remembered and the eager version runs from then on)."""
+    if x2.device.type == "cpu" and not torch.is_grad_enabled():
+        if name not in _FUSED:
+            try:
+                _FUSED[name] = torch.compile(eager, dynamic=True)
+            except Exception:  # noqa: BLE001
+                _FUSED[name] = None
+        if _FUSED[name] is not None:
+            try:
+                return _FUSED[name](x2, *args)
+            except Exception:  # noqa: BLE001
+                _FUSED[name] = None
+    return eager(x2, *args)
