@@ -105,6 +105,7 @@ class _QuantizedBuffers(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         to_portable_(self)  # incoming tensors are portable: copied into the kernel order they would be scrambled
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._kernel_cache.clear()  # derived from the weights just replaced (other devices' layouts, integer sums)
 
     def __getstate__(self):
         state = self.__dict__.copy()

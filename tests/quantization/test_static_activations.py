@@ -143,6 +143,22 @@ def test_inference_runs_the_int8_matmul_exactly(compute_dtype, rows):
         torch.testing.assert_close(trained.detach().double(), fast, atol=8 * eps * exact.abs().max().item(), rtol=0)
 
 
+def test_loading_other_weights_into_a_layer_that_ran_recomputes_its_integer_sums():
+    # The int8 matmul caches the weight's per-channel integer sums; weights loaded in place afterwards (load_state_dict
+    # copies into the same buffers) must not be multiplied with the old sums.
+    torch.manual_seed(0)
+    layers = [QuantLinear.from_float(torch.nn.Linear(64, 48), bits=8, group_size=64, activations="int8_static",
+                                     compute_dtype=torch.float32) for _ in range(2)]  # fmt: skip
+    for layer in layers:
+        layer.set_static_input(torch.rand(64) + 0.5, 0.02, 120)
+    x = torch.randn(40, 64)
+    with torch.inference_mode():
+        expected = layers[1](x)
+        layers[0](x)  # caches layer 0's sums
+        layers[0].load_state_dict(layers[1].state_dict())
+        torch.testing.assert_close(layers[0](x), expected, atol=0, rtol=0)
+
+
 def test_grouped_weights_fall_back_to_the_fake_quantized_input():
     # torch._int_mm takes one weight scale per output channel: group-wise int8 weights cannot run it, so the layer
     # multiplies the fake-quantized input densely (same grid, float GEMM) instead of failing.
