@@ -69,6 +69,20 @@ def tiny_inputs(model_type: str, batch: int = 2, seq: int = 7, seed: int = 0) ->
     return {"input_ids": torch.randint(0, 128, (batch, seq), generator=generator)}
 
 
+def token_batches(count: int = 3, rows: int = 4, seq: int = 12, pad: int = 0, seed: int = 0) -> list[dict]:
+    """Token batches; with `pad`, the last `pad` positions of every odd row are padding (attention_mask 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(1, 128, (rows, seq), generator=generator)
+        mask = torch.ones(rows, seq, dtype=torch.long)
+        if pad:
+            mask[1::2, seq - pad :] = 0
+            ids[1::2, seq - pad :] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a test module (opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``).

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, token_batches
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -21,18 +21,6 @@ from hf_compress.sequential.steps import DEFAULT_FLOAT_TARGET
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIG = WeightQuantizationConfig(bits=4, algorithm="gptq", group_size=16)
-
-
-def _batches(count=3, rows=4, seq=12, pad=0, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):
-        ids = torch.randint(1, 128, (rows, seq), generator=generator)
-        mask = torch.ones(rows, seq, dtype=torch.long)
-        if pad:
-            mask[1::2, seq - pad :] = 0
-        out.append({"input_ids": ids, "attention_mask": mask})
-    return out
 
 
 def test_cross_moments_over_real_tokens():
@@ -90,7 +78,7 @@ class _Recording(GPTQStep):
 def test_stages_and_where_the_cross_moments_go():
     base = tiny_model("llama", auto_class=AutoModelForCausalLM)
     step = _Recording(CONFIG)
-    run_sequential(base, step, Calibration.of(_batches(pad=4)), progress=False)
+    run_sequential(base, step, Calibration.of(token_batches(pad=4)), progress=False)
     attn, mlp = "model.layers.{}.self_attn.", "model.layers.{}.mlp."
     for index in (0, 1):  # in execution order, grouped by the input they share
         assert step.stages[4 * index : 4 * index + 4] == [
@@ -103,14 +91,14 @@ def test_stages_and_where_the_cross_moments_go():
     ]
     assert step.cross["lm_head"]
     symmetric = _Recording(CONFIG, float_target=False)
-    run_sequential(tiny_model("llama", auto_class=AutoModelForCausalLM), symmetric, Calibration.of(_batches()),
+    run_sequential(tiny_model("llama", auto_class=AutoModelForCausalLM), symmetric, Calibration.of(token_batches()),
                    progress=False)  # fmt: skip
     assert symmetric.stages == [] and not any(symmetric.cross.values())
 
 
 def test_both_streams_spill_and_match_memory(tmp_path):
     base = tiny_model("gpt2", auto_class=AutoModelForCausalLM)  # Conv1D: transposed weights
-    data = _batches()
+    data = token_batches()
     in_memory, on_disk = copy.deepcopy(base), copy.deepcopy(base)
     sequential_compress(in_memory, CONFIG, data, max_activation_bytes=None, progress=False)
     step = _Recording(CONFIG, folder=tmp_path)
@@ -130,7 +118,7 @@ def test_float_target_is_closer_to_the_float_model():
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False)  # fmt: skip
     base = AutoModelForCausalLM.from_config(config).eval()
-    calibration, held_out = _batches(count=8, rows=8, seq=32, seed=1), _batches(count=2, rows=8, seq=32, seed=2)
+    calibration, held_out = token_batches(count=8, rows=8, seq=32, seed=1), token_batches(count=2, rows=8, seq=32, seed=2)
     with torch.no_grad():
         reference = [base(**b).logits.log_softmax(-1) for b in held_out]
     quantization = WeightQuantizationConfig(bits=4, algorithm="gptq", group_size=32)
@@ -191,7 +179,7 @@ def test_cross_moments_pair_the_float_model_with_the_quantized_one(family):
     """Each stage's moments: ``x_q`` from the model as that stage found it (earlier layers and stages quantized),
     ``x_f`` from the float model."""
     base = tiny_model(family) if family == "bert" else tiny_model(family, auto_class=AutoModelForCausalLM)
-    data = _batches(pad=5)
+    data = token_batches(pad=5)
     step = _Keeping(WeightQuantizationConfig(bits=4, algorithm="gptq", group_size=16, compute_dtype="float32"))
     run_sequential(copy.deepcopy(base), step, Calibration.of(data), progress=False)
     assert len(step.seen) == 8  # 2 layers x 4 stages

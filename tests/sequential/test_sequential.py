@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import tiny_model, token_batches
 from transformers import AutoModel, AutoModelForCausalLM
 
 import hf_compress
@@ -25,20 +25,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONFIG = WeightQuantizationConfig(bits=4, algorithm="gptq", group_size=16)
 CLASSES = {"llama": AutoModelForCausalLM, "gpt2": AutoModelForCausalLM, "bert": AutoModel}
-
-
-def _batches(count: int = 3, rows: int = 4, seq: int = 12, pad: int = 0, seed: int = 0) -> list[dict]:
-    """Token batches; with `pad`, the last `pad` positions of every odd row are padding (attention_mask 0)."""
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):
-        ids = torch.randint(1, 128, (rows, seq), generator=generator)
-        mask = torch.ones(rows, seq, dtype=torch.long)
-        if pad:
-            mask[1::2, seq - pad :] = 0
-            ids[1::2, seq - pad :] = 0
-        out.append({"input_ids": ids, "attention_mask": mask})
-    return out
 
 
 class _Recording(GPTQStep):
@@ -70,7 +56,7 @@ def _sequential_hessians(model, data, float_target=True, **kwargs) -> dict[str, 
 def test_folder_to_reloadable_checkpoint(family, tmp_path):
     base = tiny_model(family, auto_class=CLASSES[family])
     base.save_pretrained(tmp_path / "fp32")
-    data = _batches()
+    data = token_batches()
     result = hf_compress.compress(str(tmp_path / "fp32"), CONFIG, calibration_data=data, sequential=True,
                                   output_dir=tmp_path / "int4", measure=False)  # fmt: skip
     recipe = json.loads((tmp_path / "int4" / "config.json").read_text())["quantization_config"]
@@ -92,7 +78,7 @@ def test_folder_to_reloadable_checkpoint(family, tmp_path):
 @pytest.mark.parametrize("float_target", [False, True])
 def test_layer0_as_one_pass_later_layers_propagated(float_target):
     base = tiny_model("llama", auto_class=AutoModelForCausalLM)
-    data = _batches()
+    data = token_batches()
     seq_model, one_model = copy.deepcopy(base), copy.deepcopy(base)
     hessians = _sequential_hessians(seq_model, data, float_target=float_target)
     names = [n for n in hessians if n.startswith("model.layers.")]
@@ -118,7 +104,7 @@ def test_layer0_as_one_pass_later_layers_propagated(float_target):
 
 def test_padding_does_not_change_hessians():
     base = tiny_model("llama", auto_class=AutoModelForCausalLM)
-    padded = _batches(count=2, pad=5)
+    padded = token_batches(count=2, pad=5)
     # the same real tokens, each row alone (no padding at all)
     alone = [{"input_ids": b["input_ids"][i : i + 1, : int(b["attention_mask"][i].sum())]} for b in padded for i in
              range(4)]  # fmt: skip
@@ -131,7 +117,7 @@ def test_padding_does_not_change_hessians():
 
 def test_disk_spill_equals_memory(tmp_path):
     base = tiny_model("gpt2", auto_class=AutoModelForCausalLM)
-    data = _batches()
+    data = token_batches()
     in_memory, on_disk = copy.deepcopy(base), copy.deepcopy(base)
     sequential_compress(in_memory, CONFIG, data, max_activation_bytes=None, progress=False)
     sequential_compress(on_disk, CONFIG, data, max_activation_bytes=0, offload_dir=tmp_path, offload_layers=True,
