@@ -85,7 +85,10 @@ class MomentCollector:
     input. Modules fed the very same input tensor in a forward (q/k/v, gate/up) share one sum instead of computing
     it again (`share=True`); `moments()` then returns the same tensor for each of them. ``float64=False`` sums
     float32 products on the input's device (GPTQ's Hessians); ``float64=True`` adds each float32 product to a
-    float64 sum on the CPU (low-rank whitening).
+    float64 sum on the CPU (low-rank whitening). ``channels=True`` sums only each feature's ``x`` and ``x^2`` (per
+    batch in float32, added to float64 sums on the CPU): `moments()` then gives a ``[2, features]`` tensor
+    ``(E[x], E[x^2])`` per module instead of the ``features x features`` matrix, all that structured pruning's
+    fluctuation scores need (`hf_compress.pruning.activation`); it has no cross moments.
 
     Cross moments (the sequential pipeline's float target): a forward announced with
     ``set_mask(mask, reference=True)`` only keeps each module's real-token input ``x_f`` (the float model's); the
@@ -93,10 +96,12 @@ class MomentCollector:
     ``(x_f - x)^T x`` (`cross_moments`), then drops ``x_f``.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], *, float64: bool = False, share: bool = True) -> None:
+    def __init__(self, modules: dict[str, nn.Module], *, float64: bool = False, share: bool = True,
+                 channels: bool = False) -> None:  # fmt: skip
         self.modules = modules
         self.float64 = float64
         self.share = share
+        self.channels = channels
         self.mask: torch.Tensor | None = None
         self.sums: dict[str, torch.Tensor] = {}
         self.cross: dict[str, torch.Tensor] = {}
@@ -110,6 +115,8 @@ class MomentCollector:
     def set_mask(self, mask: torch.Tensor | None, *, reference: bool = False) -> None:
         """The ``attention_mask`` of the next forward (None: every position counts); starts a new forward.
         ``reference=True``: that forward's inputs are the float reference of the next one (see the class)."""
+        if reference and self.channels:
+            raise ValueError("A channels=True collector sums per-feature moments only; it has no cross moments.")
         if reference and self._kept:
             raise RuntimeError(f"Two reference forwards in a row: {sorted(self._kept)[:4]} were never paired.")
         # Without padding the inputs are summed as they are: x[mask] would copy them (67 MB at 4 x 512 x 8192).
@@ -118,6 +125,10 @@ class MomentCollector:
         self._seen = []
 
     def _add(self, sums: dict[str, torch.Tensor], name: str, left: torch.Tensor, x: torch.Tensor) -> None:
+        if self.channels:
+            part = torch.stack([x.sum(0), (x * x).sum(0)]).double().cpu()
+            sums[name] = sums[name] + part if name in sums else part
+            return
         if name not in sums:
             d = x.shape[1]
             sums[name] = torch.zeros(d, d, dtype=torch.float64) if self.float64 else x.new_zeros(d, d)
@@ -170,8 +181,8 @@ class MomentCollector:
         return means
 
     def moments(self) -> dict[str, torch.Tensor]:
-        """``E[x x^T]`` per module (the sums divided by the real-token counts, in place: call it once); modules
-        never reached are missing."""
+        """``E[x x^T]`` per module (with `channels`: ``[E[x], E[x^2]]``), the sums divided by the real-token counts,
+        in place: call it once; modules never reached are missing."""
         return self._means(self.sums)
 
     def cross_moments(self) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from ..validation import WrongTypeError, describe
 
 __all__ = ["HeadPruningConfig", "FFNPruningConfig", "IMPORTANCE_METHODS", "RANKINGS"]
 
-IMPORTANCE_METHODS = ("auto", "gradient", "magnitude", "random")
+IMPORTANCE_METHODS = ("auto", "gradient", "activation", "magnitude", "random")
 RANKINGS = ("global", "per_layer")
 
 
@@ -49,14 +49,21 @@ class _ScoringFields:
         default="auto",
         metadata={
             "help": "How units are ranked: 'gradient' (Michel et al. 2019 mask-gradient sensitivity on calibration "
-            "data), 'magnitude' (weight norms, no data), 'random' (a baseline), or 'auto' (gradient when "
-            "calibration data is given, else magnitude)."
+            "data), 'activation' (FLAP, An et al. 2024: the variance of each output-projection input channel over "
+            "the calibration tokens times its weight column's squared norm; forward passes only, and the one that "
+            "sequential=True computes layer by layer), 'magnitude' (weight norms, no data), 'random' (a baseline), "
+            "or 'auto' (gradient when calibration data is given, else magnitude)."
         },
     )
     ranking: str = field(
         default="global",
         metadata={"help": "'global' ranks units of all layers together (scores normalised per layer); 'per_layer' "
                   "removes the same share from every layer."},
+    )  # fmt: skip
+    compensate_bias: bool = field(
+        default=True,
+        metadata={"help": "With importance='activation': add the removed units' mean output to the output "
+                  "projection's bias (FLAP's compensation), where it has one (not Llama, Mistral, Qwen2)."},
     )  # fmt: skip
     max_samples: int = field(default=256, metadata={"help": "Calibration texts used for scoring, at most."})
     batch_size: int = field(default=16, metadata={"help": "Batch size of the scoring passes."})
@@ -69,6 +76,8 @@ class _ScoringFields:
         for name in ("max_samples", "batch_size", "max_length"):
             _check_int(name, getattr(self, name), 1, "a positive integer")
         _check_int("seed", self.seed, 0, "an integer >= 0")
+        if not isinstance(self.compensate_bias, bool):
+            raise WrongTypeError(f"compensate_bias must be True or False, got {describe(self.compensate_bias)}.")
 
 
 @dataclass

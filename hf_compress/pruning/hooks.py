@@ -11,8 +11,9 @@ from torch import nn
 
 from ..architectures import get_adapter, num_heads, num_kv_heads
 from ..registry import Technique, register_technique
+from .activation import activation_batches, activation_importance, channel_statistics, compensate_ffn, compensate_heads
 from .config import FFNPruningConfig, HeadPruningConfig
-from .scoring import compute_importance
+from .scoring import compute_importance, normalize_per_layer
 from .surgery import ffn_size, kept_heads, prune_ffn, prune_heads
 
 
@@ -24,6 +25,10 @@ __all__ = [
     "removal_counts",
     "plan_heads",
     "plan_ffn",
+    "layer_head_choice",
+    "heads_to_remove",
+    "ffn_targets",
+    "ffn_keep",
 ]
 
 
@@ -40,13 +45,23 @@ def _method(config: HeadPruningConfig | FFNPruningConfig, calibration_data: Any)
     return "gradient"
 
 
-def _scores(model, kind, config, calibration_data) -> tuple[str, list[torch.Tensor]]:
+def _scores(model, kind, config, calibration_data) -> tuple[str, list[torch.Tensor], dict | None]:
+    """(method, per-layer scores normalised per layer, the activation statistics of ``"activation"`` or None)."""
     method = _method(config, calibration_data)
+    if method == "activation":  # the statistics are kept: the bias compensation needs their means
+        stats = _statistics(model, kind, config, calibration_data)
+        return method, normalize_per_layer(activation_importance(model, kind, stats)), stats
     scores = compute_importance(
         model, kind, method, calibration_data, max_samples=config.max_samples, batch_size=config.batch_size,
         max_length=config.max_length, seed=config.seed,
     )  # fmt: skip
-    return method, scores
+    return method, scores, None
+
+
+def _statistics(model, kind, config, calibration_data) -> dict[int, torch.Tensor]:
+    batches = activation_batches(model, calibration_data, max_samples=config.max_samples,
+                                 batch_size=config.batch_size, max_length=config.max_length)  # fmt: skip
+    return channel_statistics(model, kind, batches)
 
 
 def removal_counts(scores: list[torch.Tensor], to_remove: int, ranking: str, minimum: int) -> list[int]:
@@ -123,27 +138,30 @@ def plan_heads(
     """``{layer: [original heads]}`` to remove: the `to_remove` least important, as `config` ranks them, adjusted
     per layer to a valid grouped-query layout."""
     counts = removal_counts(scores, to_remove, config.ranking, config.min_heads_per_layer)
-    group_size = num_heads(model) // num_kv_heads(model)
     plan = {}
     for layer, (kept, score, count) in enumerate(zip(heads, scores, counts)):
-        keep = len(kept) - count
-        if group_size > 1:
-            chosen = _gqa_choice(kept, score, keep, min(config.min_heads_per_layer, len(kept)), group_size)
-        else:
-            chosen = [kept[i] for i in sorted(score.argsort(descending=True)[:keep].tolist())]
-        removed = sorted(set(kept) - set(chosen))
+        removed = layer_head_choice(model, kept, score, count, config)
         if removed:
             plan[layer] = removed
     return plan
 
 
-def apply_head_pruning(model: nn.Module, config: HeadPruningConfig, calibration_data: Any = None) -> HeadPruningConfig:
-    """Rank and remove heads of `model` in place; return the config with the explicit `heads_to_prune` map."""
-    heads = kept_heads(model)
-    if config.heads_to_prune is not None:
-        prune_heads(model, config.heads_to_prune)
-        return config
-    method, scores = _scores(model, "heads", config, calibration_data)
+def layer_head_choice(model: nn.Module, kept: list[int], score: torch.Tensor, count: int,
+                      config: HeadPruningConfig) -> list[int]:  # fmt: skip
+    """The original heads one layer (holding heads `kept`, scored `score`) loses when `count` of them go: the least
+    important, adjusted to a valid grouped-query layout."""
+    keep = len(kept) - count
+    group_size = num_heads(model) // num_kv_heads(model)
+    if group_size > 1:
+        chosen = _gqa_choice(kept, score, keep, min(config.min_heads_per_layer, len(kept)), group_size)
+    else:
+        chosen = [kept[i] for i in sorted(score.argsort(descending=True)[:keep].tolist())]
+    return sorted(set(kept) - set(chosen))
+
+
+def heads_to_remove(heads: list[list[int]], config: HeadPruningConfig) -> int:
+    """How many heads a ranked `config` removes from a model with `heads` kept per layer (a `ValueError` for a
+    fraction that rounds to none)."""
     total = sum(len(h) for h in heads)
     to_remove = config.num_heads_to_prune if config.fraction is None else round(config.fraction * total)
     if config.fraction and not to_remove:  # before scoring: a fraction that rounds to no head is a mistake
@@ -151,12 +169,37 @@ def apply_head_pruning(model: nn.Module, config: HeadPruningConfig, calibration_
             f"HeadPruningConfig(fraction={config.fraction}) removes round({config.fraction} * {total} heads) = 0 "
             f"heads. Use fraction >= {1 / total:.3g} (one head), or num_heads_to_prune=1."
         )
+    return to_remove
+
+
+def apply_head_pruning(model: nn.Module, config: HeadPruningConfig, calibration_data: Any = None) -> HeadPruningConfig:
+    """Rank and remove heads of `model` in place; return the config with the explicit `heads_to_prune` map.
+
+    With ``importance="activation"`` and `compensate_bias`, the removed heads' mean output is first added to the
+    attention output projection's bias, where it has one (`activation.compensate_heads`); an explicit
+    `heads_to_prune` map is compensated too when calibration data is given."""
+    heads = kept_heads(model)
+    if config.heads_to_prune is not None:
+        if config.importance == "activation" and config.compensate_bias and calibration_data is not None:
+            _compensate_heads(model, config.heads_to_prune, _statistics(model, "heads", config, calibration_data))
+        prune_heads(model, config.heads_to_prune)
+        return config
+    to_remove = heads_to_remove(heads, config)
+    method, scores, stats = _scores(model, "heads", config, calibration_data)
     plan = plan_heads(model, heads, scores, to_remove, config)
     matrix = _importance_matrix(model, heads, scores)
+    if stats is not None and config.compensate_bias:
+        _compensate_heads(model, plan, stats)
     prune_heads(model, plan)
     return dataclasses.replace(
         config, fraction=None, num_heads_to_prune=None, heads_to_prune=plan, importance=method, head_importance=matrix
     )
+
+
+def _compensate_heads(model: nn.Module, plan: dict[int, list[int]], stats: dict[int, torch.Tensor]) -> None:
+    for layer, removed in plan.items():
+        if removed and layer in stats:
+            compensate_heads(model, layer, removed, stats[layer][0])
 
 
 def restructure_head_pruning(model: nn.Module, config: HeadPruningConfig) -> None:
@@ -170,12 +213,9 @@ def plan_ffn(scores: list[torch.Tensor], to_remove: int, config: FFNPruningConfi
     return {layer: config.kept_size(len(s) - c, len(s)) for layer, (s, c) in enumerate(zip(scores, counts))}
 
 
-def apply_ffn_pruning(model: nn.Module, config: FFNPruningConfig, calibration_data: Any = None) -> FFNPruningConfig:
-    """Rank and remove FFN neurons of `model` in place; return the config with explicit `intermediate_sizes`."""
-    layers = get_adapter(model).layer_modules(model)
-    sizes = [ffn_size(model, layer) for layer in layers]
-    _check_prunes_something(config, sizes)  # the certain cases, before the scoring passes
-    method, scores = _scores(model, "ffn", config, calibration_data)
+def ffn_targets(config: FFNPruningConfig, sizes: list[int], scores: list[torch.Tensor]) -> dict[int, int]:
+    """FFN neurons each layer keeps under `config` (its explicit `intermediate_sizes`, checked against the model's
+    FFN `sizes`, or its ranked `fraction`); with ``ranking="per_layer"`` the scores' values do not matter."""
     if config.intermediate_sizes is not None:
         for layer, size in config.intermediate_sizes.items():
             if layer >= len(sizes) or size > sizes[layer]:
@@ -183,15 +223,30 @@ def apply_ffn_pruning(model: nn.Module, config: FFNPruningConfig, calibration_da
                     f"intermediate_sizes={config.intermediate_sizes} does not fit the model: it has {len(sizes)} "
                     f"layers with FFN sizes {sizes}."
                 )
-        targets = {layer: sizes[layer] for layer in range(len(sizes))} | config.intermediate_sizes
-    else:
-        _check_prunes_something(config, sizes, scores)
-        targets = plan_ffn(scores, round(config.fraction * sum(sizes)), config)
-    keep = {
-        layer: score.argsort(descending=True)[: targets[layer]].sort().values
-        for layer, score in enumerate(scores)
-        if targets[layer] < sizes[layer]
-    }
+        return {layer: sizes[layer] for layer in range(len(sizes))} | config.intermediate_sizes
+    _check_prunes_something(config, sizes, scores)
+    return plan_ffn(scores, round(config.fraction * sum(sizes)), config)
+
+
+def ffn_keep(score: torch.Tensor, target: int) -> torch.Tensor:
+    """Indices (ascending) of the `target` most important neurons of one layer."""
+    return score.argsort(descending=True)[:target].sort().values
+
+
+def apply_ffn_pruning(model: nn.Module, config: FFNPruningConfig, calibration_data: Any = None) -> FFNPruningConfig:
+    """Rank and remove FFN neurons of `model` in place; return the config with explicit `intermediate_sizes`.
+
+    With ``importance="activation"`` and `compensate_bias`, the removed neurons' mean output is first added to the
+    FFN down projection's bias, where it has one (`activation.compensate_ffn`)."""
+    layers = get_adapter(model).layer_modules(model)
+    sizes = [ffn_size(model, layer) for layer in layers]
+    _check_prunes_something(config, sizes)  # the certain cases, before the scoring passes
+    method, scores, stats = _scores(model, "ffn", config, calibration_data)
+    targets = ffn_targets(config, sizes, scores)
+    keep = {layer: ffn_keep(s, targets[layer]) for layer, s in enumerate(scores) if targets[layer] < sizes[layer]}
+    if stats is not None and config.compensate_bias:
+        for layer, index in keep.items():
+            compensate_ffn(model, layer, index, stats[layer][0])
     prune_ffn(model, keep)
     resolved = {layer: len(index) for layer, index in keep.items()}
     return dataclasses.replace(config, fraction=None, intermediate_sizes=resolved, importance=method)

@@ -13,6 +13,10 @@ gate ``xi`` in front of every unit, in every family, without touching the modeli
   (Gauss-Newton) term instead: removing unit ``u`` changes the output by ``~ J_u`` and the squared divergence by
   ``~ ||J_u||^2``, estimated without bias as ``(dr.y/dxi_u)^2`` with a Gaussian probe ``r`` over the last hidden
   state ``y`` (one backward pass per batch, Hutchinson-style).
+* ``activation`` (FLAP, An et al., 2024): the variance of each output-projection input channel over the real
+  calibration tokens times its weight column's squared norm, summed over a head's channels
+  (`hf_compress.pruning.activation`; forward passes only, and layer-local, so the sequential pipeline computes it
+  one layer at a time), normalised per layer like the gradient scores.
 * ``magnitude``: data-free, the norm of the weights a unit writes with times the norm of those it reads with.
 * ``random``: a seeded baseline.
 """
@@ -27,6 +31,7 @@ from torch import nn
 
 from ..architectures import get_adapter, head_dim
 from ..calibration import calibration_batches, unwrap
+from .activation import activation_batches, activation_importance, channel_statistics
 from .layers import ConstantProjection, EmptyAttention
 from .surgery import gqa_layout, kept_heads
 
@@ -132,17 +137,21 @@ def compute_importance(
 
     Args:
         kind: ``"heads"`` (query heads, in the order of `kept_heads`) or ``"ffn"`` (current FFN neurons).
-        method: ``"gradient"``, ``"magnitude"`` or ``"random"``.
+        method: ``"gradient"``, ``"activation"``, ``"magnitude"`` or ``"random"``.
         calibration_data: texts, a `datasets.Dataset` (a ``label``/``labels`` column is used by models with a task
-            head) or an iterable of model-ready batches; required by ``"gradient"``.
+            head) or an iterable of model-ready batches; required by ``"gradient"`` and ``"activation"``.
     """
     if method == "random":
         generator = torch.Generator().manual_seed(seed)
         return [torch.rand(n, generator=generator) for n in _unit_counts(model, kind)]
     if method == "magnitude":
         return normalize_per_layer(_magnitude(model, kind))
+    if method == "activation":
+        batches = activation_batches(model, calibration_data, tokenizer=tokenizer, max_samples=max_samples,
+                                     batch_size=batch_size, max_length=max_length)  # fmt: skip
+        return normalize_per_layer(activation_importance(model, kind, channel_statistics(model, kind, batches)))
     if method != "gradient":
-        raise ValueError(f"method must be 'gradient', 'magnitude' or 'random', got {method!r}.")
+        raise ValueError(f"method must be 'gradient', 'activation', 'magnitude' or 'random', got {method!r}.")
     calibration_data, tokenizer = unwrap(calibration_data, tokenizer)
     if calibration_data is None:
         raise ValueError(
