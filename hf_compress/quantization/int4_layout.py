@@ -12,7 +12,7 @@ scales views of the kernel's ``[groups, out, 2]`` scale/zero table. The order is
 probes torch once per row count, and the first converted chunk of each shape is checked to unpack back to its
 portable bytes exactly before any portable tensor is dropped; if a future torch changes the layout beyond what the
 probe models, the layer keeps a cached kernel copy next to the portable one instead (the memory of before, never a
-wrong weight). Many-row inputs (prefill) multiply straight from the kernel layout (`kernel_linear`); the state dict,
+wrong weight). Many-row inputs (prefill) multiply straight from the kernel layout (`int4_matmul`); the state dict,
 pickles and device moves go back to the portable layout (`portable_state`, `to_portable_`).
 
 Conversion happens when the CPU kernel first runs, not at load time: encoders and other models that never decode
@@ -32,7 +32,7 @@ from .packing import unpack_int4_unsigned
 
 
 __all__ = ["PORTABLE", "CPU_INT4PACK", "to_cpu_kernel", "from_cpu_kernel", "matrix_layouts", "kernel_nibbles",
-           "kernel_linear", "layout_of", "kernel_table", "layer_nibbles", "to_cpu_kernel_", "to_portable_",
+           "layout_of", "kernel_table", "layer_nibbles", "to_cpu_kernel_", "to_portable_",
            "portable_state"]  # fmt: skip
 
 PORTABLE, CPU_INT4PACK = "portable", "cpu_int4pack"
@@ -189,38 +189,6 @@ def from_cpu_kernel(kernel: torch.Tensor, layouts: Layouts | None = None) -> tor
         nibbles = _unpack_chunk(kernel[start:stop], layout)
         out[start:stop] = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
     return out
-
-
-def kernel_linear(layer, x2: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x2 @ W^T (+ bias)`` for many rows, straight from the kernel layout (the prefill of a decoding model).
-
-    A block stored ``[K, L / 2]`` dequantizes into ``W_block^T`` (``[K, L]``) with no transpose: halves and pairs
-    orders become row order by stacking the two nibbles on the right axis. One batched GEMM per group of equal blocks
-    then replaces the big GEMM (measured 0.7-0.9x the time of dequantize + GEMM from the portable layout, where
-    re-ordering to ``[N, K]`` first cost 1.3-1.6x).
-    """
-    kernel, dtype = layer.weight_packed, x2.dtype
-    cols, group = kernel.shape[1] * 2, layer.group_size
-    scale, zero = layer.weight_scale, layer.weight_zero
-    out = torch.empty(x2.shape[0], kernel.shape[0], dtype=dtype, device=x2.device)
-    for start, stop, layout in layer._int4_converted.layouts:
-        flat = kernel[start:stop].reshape(-1)
-        for blocks in layout:
-            first = start + blocks.start
-            end = first + blocks.count * blocks.rows
-            data = _block_bytes(flat, blocks, cols).view(blocks.count, cols // group, group, blocks.rows // 2)
-            nibbles = _nibbles_along_rows(data, blocks.order)  # [count, groups, group, L]: W_block^T
-            weight_t = nibbles.to(dtype).sub_(8).mul_(_per_block(scale[first:end], blocks).to(dtype))
-            if zero is not None:
-                weight_t.add_(_per_block(zero[first:end], blocks).to(dtype))
-            result = torch.matmul(x2, weight_t.view(blocks.count, cols, blocks.rows))  # [count, M, L]
-            out[:, first:end] = result.permute(1, 0, 2).reshape(x2.shape[0], -1)
-    return out if bias is None else out.add_(bias)
-
-
-def _per_block(values: torch.Tensor, blocks: _Blocks) -> torch.Tensor:
-    """Scales ``[rows, groups]`` of a group of blocks -> ``[count, groups, 1, L]``, aligned with ``W_block^T``."""
-    return values.unflatten(0, (blocks.count, blocks.rows)).transpose(1, 2).unsqueeze(2)
 
 
 # (rows, cols) shapes whose conversion was checked to invert exactly in this process: the layout depends on the

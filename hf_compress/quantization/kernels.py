@@ -24,15 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from .int4_layout import (
-    CPU_INT4PACK,
-    kernel_linear,
-    kernel_table,
-    layer_nibbles,
-    layout_of,
-    to_cpu_kernel,
-    to_cpu_kernel_,
-)
+from .int4_layout import CPU_INT4PACK, kernel_table, layer_nibbles, layout_of, to_cpu_kernel, to_cpu_kernel_
+from .int4_matmul import kernel_linear, kernel_weight_t
 from .packing import dequantize_groups, unpack, unpack_int4_into, unpack_int4_unsigned
 
 
@@ -69,6 +62,10 @@ def dequantized_weight(
     """The ``[out, in]`` float weight that `layer` represents, in `dtype` (default: its compute dtype), written into
     `out` when given."""
     dtype = dtype or layer.compute_dtype
+    if layout_of(layer) == CPU_INT4PACK and dtype.is_floating_point:
+        weight_t = kernel_weight_t(layer, dtype)
+        if weight_t is not None:
+            return weight_t.t().contiguous() if out is None else out.copy_(weight_t.t())
     if layout_of(layer) == CPU_INT4PACK:
         q = layer_nibbles(layer).view(torch.int8) - 8
     elif layer.bits == 4 and dtype.is_floating_point:
@@ -175,6 +172,12 @@ def _dense(layer: QuantLinear, x2: torch.Tensor, bias: torch.Tensor | None = Non
         # Blockwise GEMMs straight from the kernel layout: measured as fast or faster in float32 for short prefills;
         # in bf16 (batched bf16 GEMMs are slow on CPU) and for many rows dequantize + one GEMM won by 2-10x.
         return kernel_linear(layer, x2, bias)
+    if layout_of(layer) == CPU_INT4PACK:  # the weight comes out transposed from that layout: x @ W^T directly
+        shape = torch.Size((layer.in_features, layer.out_features))
+        nibbles = _scratch(torch.Size((shape.numel(),)), torch.uint8, x2.device)
+        weight_t = kernel_weight_t(layer, x2.dtype, _scratch(shape, x2.dtype, x2.device), nibbles)
+        if weight_t is not None:
+            return torch.mm(x2, weight_t) if bias is None else torch.addmm(bias, x2, weight_t)
     scratch = _scratch(torch.Size((layer.out_features, layer.in_features)), x2.dtype, x2.device)
     return F.linear(x2, dequantized_weight(layer, x2.dtype, out=scratch), bias)
 

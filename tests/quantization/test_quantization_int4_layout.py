@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from hf_compress import apply_compression
-from hf_compress.quantization import QuantLinear, WeightQuantizationConfig, int4_layout
+from hf_compress.quantization import QuantLinear, WeightQuantizationConfig, int4_layout, int4_matmul
 from hf_compress.quantization.packing import unpack_int4_unsigned
 from hf_compress.utils import model_bytes
 
@@ -57,7 +57,7 @@ def test_blocks_in_any_slot_order_unpack_and_multiply_through_the_generic_gather
     portable = layer.weight_packed
     assert int4_layout.to_cpu_kernel_(layer)
     kernel, x = layer.weight_packed, torch.randn(40, 96)
-    expected = int4_layout.kernel_linear(layer, x, layer.bias)
+    expected = int4_matmul.kernel_linear(layer, x, layer.bias)
     # The same blocks described by explicit slot tensors (what an unknown but regular order would get).
     explicit = []
     for blocks in layout:
@@ -67,7 +67,32 @@ def test_blocks_in_any_slot_order_unpack_and_multiply_through_the_generic_gather
         explicit.append(blocks._replace(order=slots if isinstance(blocks.order, str) else blocks.order))
     assert torch.equal(int4_layout._unpack_chunk(kernel, tuple(explicit)), unpack_int4_unsigned(portable))
     layer._int4_converted = layer._int4_converted._replace(layouts=((0, 112, tuple(explicit)),))
-    torch.testing.assert_close(int4_layout.kernel_linear(layer, x, layer.bias), expected, rtol=0, atol=0)
+    torch.testing.assert_close(int4_matmul.kernel_linear(layer, x, layer.bias), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows, cols, group, symmetric", [(1536, 384, 32, False), (112, 96, 32, True),
+                                                          (4160, 64, 64, False)])  # fmt: skip
+@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float32])
+def test_many_rows_from_the_kernel_layout_equal_the_portable_layout_exactly(rows, cols, group, symmetric, compute):
+    # Whole 64-row blocks, a partial 48-row one (pairs order), two conversion chunks (4096 + 64 rows); 300 input rows
+    # take the dequantize + GEMM path in both dtypes (above `kernel_linear`'s float32 limit).
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(cols, rows)
+    layer = QuantLinear.from_float(linear, bits=4, group_size=group, symmetric=symmetric, compute_dtype=compute)
+    x = torch.randn(300, cols).to(compute)
+    with torch.inference_mode():
+        weight, expected = layer.dequantize(compute), layer(x)
+        assert int4_layout.to_cpu_kernel_(layer) and layer._layout == int4_layout.CPU_INT4PACK
+        transposed = int4_matmul.kernel_weight_t(layer, compute)
+        assert transposed is not None and transposed.shape == (cols, rows)
+        # The same (q - 8) * s + z steps in the same dtype: bit-identical values, not merely close.
+        assert torch.equal(transposed.t(), weight) and torch.equal(layer.dequantize(compute), weight)
+        # x @ W^T from the transposed weight may run another GEMM kernel (accumulation order) than F.linear: allow
+        # one rounding of the output in its dtype plus a float32 accumulation-order error over the `cols` products.
+        magnitude = x.abs().float() @ weight.abs().float().t() + layer.bias.abs().float()
+        tolerance = torch.finfo(compute).eps * expected.abs().float() + cols * torch.finfo(torch.float32).eps * magnitude
+        for _ in range(2):  # the second call reuses the scratch buffers the first one filled
+            assert ((layer(x).float() - expected.float()).abs() <= tolerance).all()
 
 
 def _int4_llama():
