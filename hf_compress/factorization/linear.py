@@ -20,17 +20,28 @@ from .layers import FactorizedEmbedding, FactorizedLMHead, LowRankLinear
 from .svd import factor_params, rank_for_energy, whitened_svd
 
 
-__all__ = ["apply_low_rank_linear", "restructure_low_rank_linear"]
+__all__ = [
+    "apply_low_rank_linear",
+    "restructure_low_rank_linear",
+    "low_rank_targets",
+    "linear_shape",
+    "linear_weight",
+    "factorize_targets",
+    "saves_too_little",
+    "dense_message",
+    "resolved_config",
+]
 
 _LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
-def _shape(module: nn.Module) -> tuple[int, int]:
+def linear_shape(module: nn.Module) -> tuple[int, int]:
     """``(out_features, in_features)`` of an `nn.Linear` or a GPT-2 `Conv1D` (which stores its weight transposed)."""
     return (module.nf, module.nx) if isinstance(module, Conv1D) else (module.out_features, module.in_features)
 
 
-def _dense(module: nn.Module) -> torch.Tensor:
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The ``(out, in)`` weight of an `nn.Linear` or a GPT-2 `Conv1D` (a transposed view of the latter's)."""
     return module.weight.t() if isinstance(module, Conv1D) else module.weight
 
 
@@ -70,7 +81,7 @@ def _input_moments(
     """``E[x x^T]`` of each target's input over the real (unpadded) calibration tokens (zeros where none arrive)."""
     batches = calibration_batches(model, data, tokenizer=tokenizer, max_samples=max_texts)
     moments = input_moments(model, targets, batches, float64=True)
-    return {name: moments.get(name, torch.zeros(_shape(m)[1], _shape(m)[1], dtype=torch.float64))
+    return {name: moments.get(name, torch.zeros(linear_shape(m)[1], linear_shape(m)[1], dtype=torch.float64))
             for name, m in targets.items()}  # fmt: skip
 
 
@@ -92,17 +103,93 @@ def _budget_ranks(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int,
     return {name: max(rank, 1) for name, rank in ranks.items()}
 
 
+def low_rank_targets(model: PreTrainedModel, config: LowRankLinearConfig) -> dict[str, nn.Module]:
+    """The linear layers `config` factorizes, by name relative to the base model: its `ranks` when given (fixed by
+    the caller: only those modules), else the targeted layers (`target_modules`, default every FFN projection)."""
+    if config.ranks is None:
+        return _targets(model, config)
+    unknown = sorted(set(config.ranks) - set(dict(model.base_model.named_modules())))
+    if unknown:
+        raise ValueError(f"ranks names modules that do not exist in {type(model.base_model).__name__}: {unknown}.")
+    return {name: model.base_model.get_submodule(name) for name in config.ranks}
+
+
+def _choose_ranks(decompositions: dict[str, tuple], shapes: dict[str, tuple[int, int]],
+                  config: LowRankLinearConfig) -> dict[str, int]:  # fmt: skip
+    if config.ranks is not None:
+        return {name: config.ranks[name] for name in decompositions}
+    if config.rank is not None:
+        return dict.fromkeys(decompositions, config.rank)
+    if config.energy is not None:
+        return {name: rank_for_energy(d[1], config.energy) for name, d in decompositions.items()}
+    return _budget_ranks({n: d[1] for n, d in decompositions.items()}, shapes, config.param_budget)
+
+
+def saves_too_little(shape: tuple[int, int], rank: int, min_saving: float) -> bool:
+    """Whether a rank-`rank` factorization of an ``(out, in)`` layer saves less than `min_saving` of its parameters."""
+    out_f, in_f = shape
+    return factor_params(out_f, in_f, rank) > (1.0 - min_saving) * out_f * in_f
+
+
+def dense_message(skipped: dict[str, int], shape: tuple[int, int], min_saving: float) -> str:
+    """Why the `skipped` layers (name -> rank) stay dense; `shape` is the first one's ``(out, in)``."""
+    out_f, in_f = shape
+    limit = int((1.0 - min_saving) * out_f * in_f / (out_f + in_f))
+    return (
+        f"Left {len(skipped)} layer(s) dense because their rank would save less than min_saving="
+        f"{min_saving} of their parameters (two thin products are then no faster than the dense one): "
+        f"{dict(list(skipped.items())[:6])}{' ...' if len(skipped) > 6 else ''}. For a {out_f}x{in_f} layer "
+        f"the rank must be at most {limit}: lower rank/energy/param_budget, or lower min_saving."
+    )
+
+
+@torch.no_grad()
+def factorize_targets(base: nn.Module, targets: dict[str, nn.Module], moments: dict[str, torch.Tensor],
+                      config: LowRankLinearConfig, weights: dict[str, torch.Tensor] | None = None,
+                      ) -> tuple[dict[str, int], dict[str, int]]:  # fmt: skip
+    """Replace `targets` (name in `base` -> linear layer) in place by `LowRankLinear` layers cut from their input
+    moments ``E[x x^T]`` (a target without one gets a plain SVD), ranks chosen by `config` over these targets (a
+    `param_budget` is shared among them only). `weights` (name -> ``(out, in)``) are cut instead of the targets'
+    own (the sequential float target). Returns ``(ranks, skipped)``: the ranks of the layers replaced, and those of
+    the layers left dense by `min_saving` (name -> the rank they would have had)."""
+    shapes = {name: linear_shape(m) for name, m in targets.items()}
+    decompositions = {}
+    for name, module in targets.items():
+        moment = moments.get(name)
+        weight = (weights or {}).get(name, linear_weight(module))  # cut where the moment is (float64 on the CPU)
+        decompositions[name] = whitened_svd(weight if moment is None else weight.to(moment.device), moment)
+    ranks = _choose_ranks(decompositions, shapes, config)
+    skipped = {name: rank for name, rank in ranks.items() if saves_too_little(shapes[name], rank, config.min_saving)}
+    ranks = {name: rank for name, rank in ranks.items() if name not in skipped}
+    for name, rank in ranks.items():
+        replace_module(base, name, _low_rank_module(targets[name], decompositions[name], rank))
+    return ranks, skipped
+
+
+def _low_rank_module(old: nn.Module, decomposition: tuple, rank: int) -> LowRankLinear:
+    """The rank-`rank` `LowRankLinear` of `old` from its (whitened) SVD ``(U, S, Vh, L_inv)``."""
+    u, s, vh, inverse = decomposition
+    root = s[:rank].sqrt()  # split the scale evenly: both factors get similar ranges (kinder to quantization)
+    down = root[:, None] * vh[:rank]
+    if inverse is not None:
+        down = down @ inverse
+    weight = linear_weight(old)
+    out_f, in_f = linear_shape(old)
+    new = LowRankLinear(in_f, out_f, rank, bias=old.bias is not None, device=weight.device, dtype=weight.dtype)
+    new.down.weight.copy_(down)
+    new.up.weight.copy_(u[:, :rank] * root)
+    if old.bias is not None:
+        new.up.bias.copy_(old.bias)
+    new.requires_grad_(weight.requires_grad)
+    return new
+
+
 @torch.no_grad()
 def apply_low_rank_linear(
     model: PreTrainedModel, config: LowRankLinearConfig, calibration_data: Any = None, tokenizer: Any = None
 ) -> LowRankLinearConfig:
     """Factorize the targeted linear layers of `model` in place; return the config with the rank of each layer."""
-    targets = _targets(model, config)
-    if config.ranks is not None:  # fixed by the caller: only those modules
-        unknown = sorted(set(config.ranks) - set(dict(model.base_model.named_modules())))
-        if unknown:
-            raise ValueError(f"ranks names modules that do not exist in {type(model.base_model).__name__}: {unknown}.")
-        targets = {name: model.base_model.get_submodule(name) for name in config.ranks}
+    targets = low_rank_targets(model, config)
     whiten = config.whiten
     if whiten == "auto":
         whiten = "activation" if calibration_data is not None else "none"
@@ -113,51 +200,17 @@ def apply_low_rank_linear(
         if whiten == "activation"
         else {}
     )
-    shapes = {name: _shape(m) for name, m in targets.items()}
-    decompositions = {name: whitened_svd(_dense(m), moments.get(name)) for name, m in targets.items()}
-    if config.ranks is not None:
-        ranks = dict(config.ranks)
-    elif config.rank is not None:
-        ranks = dict.fromkeys(targets, config.rank)
-    elif config.energy is not None:
-        ranks = {name: rank_for_energy(d[1], config.energy) for name, d in decompositions.items()}
-    else:
-        ranks = _budget_ranks({n: d[1] for n, d in decompositions.items()}, shapes, config.param_budget)
-    skipped = {}
-    for name, rank in list(ranks.items()):
-        out_f, in_f = shapes[name]
-        if factor_params(out_f, in_f, rank) > (1.0 - config.min_saving) * out_f * in_f:
-            skipped[name] = rank
-            del ranks[name]
+    ranks, skipped = factorize_targets(model.base_model, targets, moments, config)
     if skipped:
-        out_f, in_f = shapes[next(iter(skipped))]
-        limit = int((1.0 - config.min_saving) * out_f * in_f / (out_f + in_f))
-        message = (
-            f"Left {len(skipped)} layer(s) dense because their rank would save less than min_saving="
-            f"{config.min_saving} of their parameters (two thin products are then no faster than the dense one): "
-            f"{dict(list(skipped.items())[:6])}{' ...' if len(skipped) > 6 else ''}. For a {out_f}x{in_f} layer "
-            f"the rank must be at most {limit}: lower rank/energy/param_budget, or lower min_saving."
-        )
+        message = dense_message(skipped, linear_shape(targets[next(iter(skipped))]), config.min_saving)
         if not ranks:
             raise ValueError("No layer was factorized. " + message)
         warnings.warn(message, stacklevel=3)
-    for name, rank in ranks.items():
-        old = targets[name]
-        u, s, vh, inverse = decompositions[name]
-        root = s[:rank].sqrt()  # split the scale evenly: both factors get similar ranges (kinder to quantization)
-        down = root[:, None] * vh[:rank]
-        if inverse is not None:
-            down = down @ inverse
-        weight = _dense(old)
-        new = LowRankLinear(
-            *shapes[name][::-1], rank, bias=old.bias is not None, device=weight.device, dtype=weight.dtype
-        )
-        new.down.weight.copy_(down)
-        new.up.weight.copy_(u[:, :rank] * root)
-        if old.bias is not None:
-            new.up.bias.copy_(old.bias)
-        new.requires_grad_(weight.requires_grad)
-        replace_module(model.base_model, name, new)
+    return resolved_config(config, ranks)
+
+
+def resolved_config(config: LowRankLinearConfig, ranks: dict[str, int]) -> LowRankLinearConfig:
+    """What the recipe stores: the rank of every factorized module (names relative to the base model)."""
     return dataclasses.replace(config, rank=None, energy=None, param_budget=None, ranks=ranks)
 
 
@@ -170,7 +223,7 @@ def restructure_low_rank_linear(model: PreTrainedModel, config: TechniqueConfig)
             raise ValueError(
                 f"The recipe factorizes {name!r}, but that is a {type(old).__name__}, not a linear layer."
             )
-        out_f, in_f = _shape(old)
+        out_f, in_f = linear_shape(old)
         new = LowRankLinear(
             in_f, out_f, rank, bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype
         )

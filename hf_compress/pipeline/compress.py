@@ -17,7 +17,7 @@ from ..evaluation.report import CompressionReport
 from ..hub.card import RECIPE_REFERENCE, REPORT_FILE, REQUEST_FILE
 from ..hub.saving import check_output_dir, save_compressed, source_folders
 from ..registry import get_technique
-from ..sequential import choose_sequential, sequential_compress
+from ..sequential import choose_sequential, has_step, sequential_compress
 from ..validation import texts_of
 from .apply import apply_compression
 from .checks import check_compress_args, check_one_source, export_targets, recipe_configs
@@ -128,7 +128,9 @@ def compress(
         export (`str` or `list[str]`, *optional*): also export the saved folder for deployment engines
             (`hf_compress.export.TARGETS`: ``onnx``, ``openvino``, ``compressed-tensors``, ``transformers``), each
             into ``<output_dir>-<target>`` (needs `output_dir`); the folders are in ``result.exports``.
-        sequential (`bool`, *optional*): GPTQ layer by layer in bounded memory (default: if one pass would not fit).
+        sequential (`bool`, *optional*): calibrate GPTQ and low-rank factorization (`LowRankLinearConfig`) layer by
+            layer, each layer from the compressed layers' outputs, in bounded memory (default: GPTQ so when one
+            pass would not fit).
 
     Returns:
         `CompressionResult` with ``.model``, ``.report`` (print ``.report.to_text()``), ``.output_dir``, ``.push``.
@@ -276,8 +278,7 @@ def _apply(model, configs, calibration_data, original, distill, tokenizer, task_
     recovery ran (None without it)."""
     structural = [c for c in configs if get_technique(c.method).stage != "quantize"]
     quantize = [c for c in configs if get_technique(c.method).stage == "quantize"]
-    if structural:
-        apply_compression(model, *structural, calibration_data=calibration_data, tokenizer=tokenizer)
+    _run_in_order(model, structural, calibration_data, tokenizer, sequential)
     if distill:
         if not structural:
             logger.warning("Recovery distillation skipped: no pruning or factorization ran, nothing to recover.")
@@ -287,12 +288,23 @@ def _apply(model, configs, calibration_data, original, distill, tokenizer, task_
             kwargs, stats = (distill if isinstance(distill, dict) else {}), {}
             recover(model, original, calibration_data, tokenizer=tokenizer, labeled_rows=task_rows, stats=stats,
                     **kwargs)  # fmt: skip
-    if quantize and sequential:
-        for config in quantize:
-            sequential_compress(model, config, calibration_data, tokenizer=tokenizer)
-    elif quantize:
-        apply_compression(model, *quantize, calibration_data=calibration_data, tokenizer=tokenizer)
+    _run_in_order(model, quantize, calibration_data, tokenizer, sequential)
     return stats if distill and structural else None
+
+
+def _run_in_order(model, configs, calibration_data, tokenizer, sequential: bool) -> None:
+    """Apply `configs` in their order; with `sequential`, those that have a layer-by-layer step (GPTQ, low-rank
+    factorization of linears) through `sequential_compress`, each run of the others in one `apply_compression`."""
+    run = []
+    for config in [*configs, None]:
+        if config is not None and not (sequential and has_step(config)):
+            run.append(config)
+            continue
+        if run:
+            apply_compression(model, *run, calibration_data=calibration_data, tokenizer=tokenizer)
+            run = []
+        if config is not None:
+            sequential_compress(model, config, calibration_data, tokenizer=tokenizer)
 
 
 def save_result(result: CompressionResult, output_dir, base_name: str, repo_id: str | None = None, card: bool = True,

@@ -37,7 +37,14 @@ from .stages import calibrate_in_stages
 from .steps import LayerStep, step_for
 
 
-__all__ = ["sequential_compress", "run_sequential", "available_memory", "needs_sequential", "choose_sequential"]
+__all__ = [
+    "sequential_compress",
+    "run_sequential",
+    "available_memory",
+    "needs_sequential",
+    "choose_sequential",
+    "has_step",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +102,14 @@ def sequential_compress(
     Args:
         model_or_path (`PreTrainedModel`, `str` or `os.PathLike`): a model (compressed in place) or a local folder,
             loaded with its own class; its weights are read from the mmapped checkpoint one layer at a time.
-        config (`TechniqueConfig`): the technique; today `WeightQuantizationConfig` with ``algorithm="gptq"``
-            (or ``"auto"``).
+        config (`TechniqueConfig`): the technique: `WeightQuantizationConfig` with ``algorithm="gptq"`` (or
+            ``"auto"``), or `LowRankLinearConfig` (activation-whitened, each layer from the factorized layers'
+            outputs; see `low_rank.LowRankStep`, also for how a ``param_budget`` is shared).
         calibration_data: texts, a `datasets.Dataset`, token batches or a `Calibration`.
         tokenizer (*optional*): tokenizes texts (default: the one saved with the model).
         batch_size (`int`, defaults to 16): calibration texts per forward.
-        max_samples (`int`, *optional*): calibration texts used (default: the config's ``calibration_samples``).
+        max_samples (`int`, *optional*): calibration texts used (default: the config's ``calibration_samples``, or
+            ``max_calibration_texts`` for low-rank factorization).
         max_activation_bytes (`int`, ``"auto"`` or None): memory bound of the stored activations, spilled to a
             temporary folder past it (``0``: always on disk; None: no bound; ``"auto"``: a quarter of the memory
             available at the start).
@@ -109,13 +118,14 @@ def sequential_compress(
             model does not stay resident either (default: True for a folder, False for a model object).
         device (*optional*): run each layer there (e.g. ``"cuda"``), moving it back afterwards.
         progress (`bool`, defaults to True): a progress bar over the layers.
-        float_target (`bool` or `float`, defaults to True): GPTQ minimises each module's error to the *float
-            model's* outputs on its own inputs, ``||X_f W^T - X_q Q^T||``, so that a layer also corrects what the
+        float_target (`bool` or `float`, defaults to True): each module minimises its error to the *float
+            model's* outputs on its own inputs, ``||X_f W^T - X_c W'^T||``, so that a layer also corrects what the
             layers before it got wrong; each layer is then calibrated stage by stage (q/k/v, o_proj, ...), and the
-            float model's activations are carried beside the quantized ones (twice the activation memory, more
+            float model's activations are carried beside the compressed ones (twice the activation memory, more
             layer forwards). A number in ``(0, 1]`` sets how much of that least-squares correction is applied (True:
-            `steps.DEFAULT_FLOAT_TARGET`, 0.5). False: the GPTQ paper's target, the float weights on the quantized
-            inputs, ``||X_q W^T - X_q Q^T||``, each layer in one pass.
+            the step's default, GPTQ's `steps.DEFAULT_FLOAT_TARGET` 0.5, low-rank's `low_rank.LOW_RANK_FLOAT_TARGET`
+            0.75). False: the float weights on the compressed inputs, ``||X_c W^T - X_c W'^T||`` (the GPTQ paper's
+            target), each layer in one pass.
 
     Returns:
         The compressed model; ``model.config.quantization_config`` holds the recipe, as after `apply_compression`,
@@ -150,7 +160,8 @@ def sequential_compress(
     done = list(previous.techniques) if previous is not None else []
     check_canonical_order([*done, config])
     step = step_for(config, float_target=float_target)
-    samples = max_samples if max_samples is not None else getattr(config, "calibration_samples", None)
+    default = getattr(config, "calibration_samples", getattr(config, "max_calibration_texts", None))
+    samples = max_samples if max_samples is not None else default
     resolved = run_sequential(
         model, step, calibration, batch_size=batch_size, max_samples=samples,
         max_activation_bytes=max_activation_bytes, offload_dir=offload_dir,
@@ -241,18 +252,19 @@ def run_sequential(model: nn.Module, step: LayerStep, calibration: Calibration, 
 
 
 def choose_sequential(sequential: bool | None, model_or_path: Any, configs: Any, calibration_data: Any) -> bool:
-    """`compress`'s choice: layer by layer when asked (``True``, checked), or, by default (``None``), when GPTQ with
-    calibration data would not fit in memory in one pass (`needs_sequential`; a Hub id is not sized)."""
-    from ..quantization import WeightQuantizationConfig
-
+    """`compress`'s choice: layer by layer when asked (``True``, checked: GPTQ or low-rank factorization of linears
+    with calibration data), or, by default (``None``), when GPTQ with calibration data would not fit in memory in
+    one pass (`needs_sequential`; a Hub id is not sized)."""
     if sequential is not None and not isinstance(sequential, bool):
         raise TypeError(f"sequential must be True, False or None (decide by memory), got {sequential!r}.")
-    gptq = [c for c in configs if isinstance(c, WeightQuantizationConfig) and c.algorithm in ("gptq", "auto")]
+    gptq = [c for c in configs if is_gptq(c)]
     if sequential:
-        if calibration_data is None or not gptq:
+        if calibration_data is None or not any(has_step(c) for c in configs):
+            received = [type(c).__name__ for c in configs]
             raise ValueError(
-                "sequential=True calibrates GPTQ layer by layer: it needs WeightQuantizationConfig(algorithm='gptq') "
-                "among the configs, and calibration_data=texts."
+                "sequential=True calibrates layer by layer: it needs calibration_data=texts and, among the configs, "
+                "WeightQuantizationConfig(algorithm='gptq') or LowRankLinearConfig(...) (activation-whitened); got "
+                f"configs {received} and {'no' if calibration_data is None else 'some'} calibration_data."
             )
         return True
     sized = not isinstance(model_or_path, (str, os.PathLike)) or os.path.isdir(model_or_path)
@@ -260,3 +272,18 @@ def choose_sequential(sequential: bool | None, model_or_path: Any, configs: Any,
         logger.warning("One-pass calibration would not fit in memory: calibrating layer by layer (sequential=True).")
         return True
     return False
+
+
+def is_gptq(config: Any) -> bool:
+    """Whether `config` is GPTQ weight quantization (``algorithm="gptq"`` or ``"auto"``, which calibrates)."""
+    from ..quantization import WeightQuantizationConfig
+
+    return isinstance(config, WeightQuantizationConfig) and config.algorithm in ("gptq", "auto")
+
+
+def has_step(config: Any) -> bool:
+    """Whether `config` runs layer by layer under ``sequential=True``: GPTQ, or activation-whitened low-rank
+    factorization of linear layers (``whiten="none"`` is refused by its step, with the fix)."""
+    from ..factorization.config import LowRankLinearConfig
+
+    return is_gptq(config) or isinstance(config, LowRankLinearConfig)

@@ -1,13 +1,14 @@
-"""What a technique does inside the sequential pipeline: the per-layer "technique step" interface, and GPTQ.
+"""What a technique does inside the sequential pipeline: GPTQ's step, and `step_for`, which picks a config's step.
 
-A step names the modules of each layer whose input statistics it needs (`layer_modules`), compresses the layer
-from them (`compress_layer`), and finishes with what lies outside the layers (`tail_modules`, `finish`: LM head,
-pooler, embeddings). The pipeline (`hf_compress.sequential.pipeline`) does the rest: it feeds each layer the
-outputs of the layers before it *as compressed*, collects the padding-aware input moments ``E[x x^T]`` of the named
-modules (`hf_compress.calibration.MomentCollector`, the helper GPTQ's one-pass path and the low-rank whitening
-share; with `float_target`, also the cross moments with the float model's own activations), and releases the float
-weights each step hands back. Data-aware low-rank factorization (whitened by the
-same moments) or FFN importance from input norms fit the same shape: a new step only writes these methods.
+A step (`layer_step.LayerStep`) names the modules of each layer whose input statistics it needs (`layer_modules`),
+compresses the layer from them (`compress_layer`), and finishes with what lies outside the layers (`tail_modules`,
+`finish`: LM head, pooler, embeddings). The pipeline (`hf_compress.sequential.pipeline`) does the rest: it feeds each
+layer the outputs of the layers before it *as compressed*, collects the padding-aware input moments ``E[x x^T]`` of
+the named modules (`hf_compress.calibration.MomentCollector`, the helper GPTQ's one-pass path and the low-rank
+whitening share; with `float_target`, also the cross moments with the float model's own activations), and releases
+the float weights each step hands back. Two techniques have a step: GPTQ (`GPTQStep`, here) and data-aware low-rank
+factorization of linear layers (`low_rank.LowRankStep`, whitened by the same moments, in float64). Others (FFN
+importance from input norms, ...) fit the same shape: a new step only writes these methods.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..factorization.config import LowRankLinearConfig
 from ..quantization.algorithms import QuantizedWeight
 from ..quantization.config import WeightQuantizationConfig
 from ..quantization.convert import new_module, quantize_into
@@ -25,6 +27,8 @@ from ..quantization.gptq import HessianFactor, float_target_weight, gptq_weight,
 from ..quantization.hooks import cast_floats, plan, stored_name
 from ..quantization.mmap_pages import drop_pages, in_checkpoint_mmap, trim_heap
 from ..utils import replace_module
+from .layer_step import LayerStep, target_strength
+from .low_rank import LowRankStep
 
 
 if TYPE_CHECKING:
@@ -33,52 +37,6 @@ if TYPE_CHECKING:
 
 
 __all__ = ["LayerStep", "GPTQStep", "step_for", "DEFAULT_FLOAT_TARGET"]
-
-
-class LayerStep:
-    """One technique in the sequential pipeline (subclass it; every method has the model with real weights).
-
-    Attributes:
-        float64: whether the moments are summed in float64 on the CPU (low-rank whitening) instead of float32 on the
-            layer's device (GPTQ's Hessians).
-        float_target: whether the step also needs the cross moments ``E[(x_f - x) x^T]`` of each module's input
-            ``x`` (the compressed model's stream) with the float model's input ``x_f``: the pipeline then carries
-            the float model's activations beside the compressed ones (twice the activation memory, one more float
-            forward per layer) and hands them to `compress_layer` / `finish` as ``cross``.
-    """
-
-    float64: bool = False
-    float_target: bool = False
-
-    def prepare(self, model: nn.Module) -> None:
-        """Plan the work on the whole (still uncompressed) model, before the first layer."""
-
-    def layer_modules(self, model: nn.Module, prefix: str, layer: nn.Module) -> dict[str, nn.Module]:
-        """Full name -> module, inside the layer named `prefix`, whose input moments `compress_layer` needs."""
-        raise NotImplementedError
-
-    def compress_layer(self, model: nn.Module, prefix: str, moments: dict[str, torch.Tensor],
-                       cross: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:  # fmt: skip
-        """Compress the layer `prefix` in place from its modules' input moments (and cross moments, with
-        `float_target`; empty for the first layer, whose streams are the same), which it may consume; return the
-        float tensors that nothing uses any more (their checkpoint pages are dropped)."""
-        raise NotImplementedError
-
-    def compress_modules(self, model: nn.Module, names: list[str], moments: dict[str, torch.Tensor],
-                         cross: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:  # fmt: skip
-        """Compress the named modules of one layer (a stage: modules fed the same input) in place from their moments;
-        return the float tensors that nothing uses any more. With `float_target` the pipeline calls this once per
-        stage, in execution order, so that each stage's moments are taken with the earlier stages compressed."""
-        raise NotImplementedError
-
-    def tail_modules(self, model: nn.Module) -> dict[str, nn.Module]:
-        """Modules after the layers (LM head, pooler, classifier) whose input moments `finish` needs."""
-        return {}
-
-    def finish(self, model: nn.Module, moments: dict[str, torch.Tensor],
-               cross: dict[str, torch.Tensor] | None = None) -> TechniqueConfig:  # fmt: skip
-        """Compress what lies outside the layers and return the resolved config (what ``config.json`` stores)."""
-        raise NotImplementedError
 
 
 # How much of the least-squares correction towards the float model's outputs GPTQ applies by default: on MiniLM int4
@@ -116,14 +74,7 @@ class GPTQStep(LayerStep):
                 f"Sequential calibration quantizes weights only; activations={config.activations!r} is calibrated on "
                 "the whole float model. Use activations=None or 'int8_dynamic', or run it without sequential=True."
             )
-        number = isinstance(float_target, (int, float)) and not isinstance(float_target, bool)
-        if not (isinstance(float_target, bool) or (number and 0 < float_target <= 1)):
-            raise ValueError(
-                f"float_target must be True (GPTQ targets the float model's outputs, strength {DEFAULT_FLOAT_TARGET}), "
-                f"a strength in (0, 1] or False (the float weights on the quantized inputs, the GPTQ paper's "
-                f"target); got {float_target!r}."
-            )
-        self.strength = float(DEFAULT_FLOAT_TARGET if float_target is True else float_target)
+        self.strength = target_strength(float_target, DEFAULT_FLOAT_TARGET, "GPTQ targets the float model's outputs")
         self.float_target = self.strength > 0
         self.config = dataclasses.replace(config, algorithm="gptq")
         self.specs: dict[str, ModuleSpec] = {}
@@ -234,10 +185,14 @@ def _gptq_by_rows(weight: torch.Tensor, factor: HessianFactor, spec: ModuleSpec,
 
 
 def step_for(config: TechniqueConfig, *, float_target: bool | float = True) -> LayerStep:
-    """The sequential step of a technique config, or a `ValueError` naming the techniques that have one."""
+    """The sequential step of a technique config, or a `ValueError` naming the techniques that have one;
+    `float_target` goes to the step (True: each step's own default strength)."""
     if isinstance(config, WeightQuantizationConfig):
         return GPTQStep(config, float_target=float_target)
+    if isinstance(config, LowRankLinearConfig):
+        return LowRankStep(config, float_target=float_target)
     raise ValueError(
         f"{type(config).__name__} has no sequential (layer-by-layer) calibration step; only weight quantization "
-        "with GPTQ (WeightQuantizationConfig(algorithm='gptq')) does. Run it without sequential=True."
+        "with GPTQ (WeightQuantizationConfig(algorithm='gptq')) and low-rank factorization of linear layers "
+        "(LowRankLinearConfig) do. Run it without sequential=True."
     )
