@@ -31,8 +31,20 @@ class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one redacted line (argparse quotes rejected values, a token included)."""
 
     def parse_known_args(self, args=None, namespace=None):  # subcommands' parsers go through here too
-        _SECRETS.update(_secrets_in(sys.argv[1:] if args is None else list(args)))
+        argv = sys.argv[1:] if args is None else list(args)
+        _SECRETS.update(_secrets_in(argv, self._exact_options(argv)))
         return super().parse_known_args(args, namespace)
+
+    def _exact_options(self, argv: list[str]) -> set[str]:
+        """This parser's option strings and those of the subcommand `argv` names first (argparse matches exact names
+        before abbreviations: ``export --to`` is not ``--token``)."""
+        exact = set(self._option_string_actions)
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = next((arg for arg in argv if arg in action.choices), None)
+                if chosen is not None:
+                    exact |= set(action.choices[chosen]._option_string_actions)
+        return exact
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {redact(message)} (see {self.prog} --help)\n")
@@ -190,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--output-dir", help="Where to write (default: <path>-<target>); new, empty or a previous export.")
     x.add_argument("--overwrite", action="store_true",
                    help="Allow a non-empty --output-dir; files the export does not write are kept.")
+    x.add_argument("--past", action=argparse.BooleanOptionalAction, default=None,
+                   help="onnx / openvino: a causal LM's graph takes and returns its key/value cache (default: yes "
+                   "for causal LMs); --no-past exports the cache-free graph.")  # fmt: skip
 
     k = sub.add_parser("card", help="Regenerate the model card and plots of a saved folder.",
                        description="Rewrite README.md and plots/ of a folder from its hf_compress_report.json "

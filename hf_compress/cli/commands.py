@@ -245,7 +245,8 @@ def run_export(args: argparse.Namespace, argv: list[str]) -> int:
     if not Path(args.path).is_dir():
         raise FileNotFoundError(f"{args.path} is not a folder; export a folder written by `hf-compress compress`.")
     output_dir = args.output_dir or f"{args.path.rstrip('/')}-{args.to}"
-    print(f"exported for {args.to} to {export(args.path, to=args.to, output_dir=output_dir, overwrite=args.overwrite)}")
+    folder = export(args.path, to=args.to, output_dir=output_dir, overwrite=args.overwrite, with_past=args.past)
+    print(f"exported for {args.to} to {folder}")
     return 0
 
 

@@ -20,11 +20,13 @@ def _is_token_option(option: str) -> bool:
     return option.startswith("--") and bool(name) and ("tok" in name or "token".startswith(name))
 
 
-def secrets_in(argv: list[str]) -> set[str]:
+def secrets_in(argv: list[str], exact: set[str] | frozenset[str] = frozenset()) -> set[str]:
+    """The --token values of `argv`; `exact` names the other options the command really has (``export --to`` is
+    its own option, not an abbreviation of --token, so its value is not hidden)."""
     found = set()
     for i, arg in enumerate(argv):
         option, eq, value = arg.partition("=")
-        if _is_token_option(option):
+        if _is_token_option(option) and (option == "--token" or option not in exact):
             secret = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
             if len(secret) >= 4:  # shorter is no secret, and replacing it would garble the message
                 found.add(secret)

@@ -74,6 +74,18 @@ Or `hf_compress.export.load_exported(".")`.
 }
 
 
+_GENERATION = """
+## Generation with the key/value cache
+
+The graph also takes `position_ids` and the cache of the tokens before, `past_key_values.{{i}}.key` / `.value` for
+each of its {layers} layers (`[batch, kv_heads, past_tokens, head_dim]`, float32; zero tokens for the prompt), and
+returns it updated as `present.{{i}}.key` / `.value` after `logits`: feed the presents back as the next step's past,
+with the attention mask grown by one column per step. Layers may differ in head count (pruned heads).
+`hf_compress.export.load_exported(".").generate(input_ids, attention_mask, max_new_tokens=...)` does exactly that
+(greedy).
+"""
+
+
 def _exporter(to: str):
     if to == "onnx":
         from .onnx import export_onnx
@@ -95,7 +107,7 @@ def _exporter(to: str):
 
 
 def export(model_or_dir: Any, to: str = "onnx", output_dir: str | os.PathLike | None = None, overwrite: bool = False,
-           tokenizer: Any = None) -> str:  # fmt: skip
+           tokenizer: Any = None, with_past: bool | None = None) -> str:  # fmt: skip
     """Export a model (compressed by hf_compress or plain) for a deployment engine; returns the output folder.
 
     Args:
@@ -107,6 +119,10 @@ def export(model_or_dir: Any, to: str = "onnx", output_dir: str | os.PathLike | 
         overwrite: write into a non-empty folder that is not a previous export; files this export does not write
             are kept, never deleted.
         tokenizer: saved into the folder; by default the source folder's tokenizer files are copied, if any.
+        with_past: ``"onnx"`` / ``"openvino"`` only: whether a causal LM's graph takes and returns its key/value
+            cache (``past_key_values.{i}.key`` ... in, ``present.{i}.key`` ... out, plus ``position_ids``), so that
+            each generated token costs one token's compute; default: yes for causal LMs, no for other models.
+            `load_exported(...).generate(...)` decodes greedily with it.
 
     Raises:
         ValueError: an unknown target, a folder that would need ``overwrite=True``, or a model the target cannot
@@ -117,13 +133,17 @@ def export(model_or_dir: Any, to: str = "onnx", output_dir: str | os.PathLike | 
     if output_dir is None:
         raise ValueError("output_dir is required: the folder the export is written to.")
     exporter = _exporter(to)
+    if with_past is not None and to not in ("onnx", "openvino"):
+        raise ValueError(f"with_past={with_past!r} applies to the 'onnx' and 'openvino' targets, not to to={to!r}.")
     model, source = load_source(model_or_dir)
     check = getattr(exporter, "check", None)
     if check is not None:
         check(model)  # refuse before touching the folder
     out = prepare_output(output_dir, overwrite)
-    info = exporter(model, out)
+    info = exporter(model, out) if with_past is None else exporter(model, out, with_past=with_past)
     files = [*info.get("model_files", []), *info.pop("extra_files", []), *copy_extras(source, model, out, tokenizer)]
     readme = info.pop("readme", None) or _README[to].format(inputs=info.get("inputs"), output=info.get("output"))
+    if info.get("cache"):
+        readme += _GENERATION.format(layers=len(info["cache"]))
     finish(out, to, files, readme, info)
     return str(out)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ._common import OutputOf, example_inputs, float_view, input_names, output_name, quantized_modules
+from .decoder import WithPast, cache_layout, example_with_past
 
 
 __all__ = ["export_onnx", "MODEL_FILE", "OPSET"]
@@ -222,25 +223,36 @@ def _add_zero_corrections(nodes: list, corrected: dict[str, tuple[int, int]]) ->
     return out
 
 
-def export_onnx(model: nn.Module, out: Path, zero_correction: bool = True) -> dict[str, Any]:
+def export_onnx(
+    model: nn.Module, out: Path, zero_correction: bool = True, with_past: bool | None = None
+) -> dict[str, Any]:
     """Write ``out/model.onnx`` for `model` (compressed or not); returns the manifest fields (inputs, output).
 
     `zero_correction`: apply asymmetric layers' zero offsets after their MatMuls (best for ONNX Runtime); without
     it they are added to the dequantized weight per group, the form OpenVINO's compressed-weight kernels take.
+    `with_past`: a causal LM's graph takes and returns its key/value cache (`decoder`); default: every causal LM.
     """
     import onnx
 
-    names = input_names(model)
-    example = example_inputs(model, names)
+    layout = cache_layout(model) if with_past is not False else None
+    if with_past and layout is None:
+        raise ValueError(f"with_past=True: {type(model).__name__} is not a causal LM; it has no cache to export.")
     view = float_view(model)
-    output, ndim = output_name(view, example)
-    axes = {name: {0: "batch"} if name == "pixel_values" else {0: "batch", 1: "sequence"} for name in names}
-    axes[output] = {0: "batch"} if ndim == 2 else {0: "batch", 1: "sequence"}  # classifier heads: no sequence
+    if layout is not None:
+        args, names, outputs, axes = example_with_past(model, layout)
+        module, output = WithPast(view, len(layout)), "logits"
+    else:
+        names = input_names(model)
+        example = example_inputs(model, names)
+        output, ndim = output_name(view, example)
+        axes = {name: {0: "batch"} if name == "pixel_values" else {0: "batch", 1: "sequence"} for name in names}
+        axes[output] = {0: "batch"} if ndim == 2 else {0: "batch", 1: "sequence"}  # classifier heads: no sequence
+        module, args, outputs = OutputOf(view, names), tuple(example[n] for n in names), [output]
     path = out / MODEL_FILE
     with torch.no_grad():
         torch.onnx.export(
-            OutputOf(view, names), tuple(example[n] for n in names), str(path), dynamo=False,
-            opset_version=OPSET, input_names=names, output_names=[output], dynamic_axes=axes,
+            module, args, str(path), dynamo=False, opset_version=OPSET, input_names=names,
+            output_names=outputs, dynamic_axes=axes,
         )  # fmt: skip
     del view
     proto = onnx.load(str(path))
@@ -258,7 +270,10 @@ def export_onnx(model: nn.Module, out: Path, zero_correction: bool = True) -> di
         files.append(MODEL_FILE + ".data")
     else:
         onnx.save(proto, str(path))
-    return {"model_files": files, "inputs": names, "output": output, "quantized_initializers": len(replaced)}
+    info = {"model_files": files, "inputs": names, "output": output, "quantized_initializers": len(replaced)}
+    if layout is not None:  # what the runner needs to feed an empty cache and carry it between steps
+        info.update(outputs=outputs, cache=[list(shape) for shape in layout])
+    return info
 
 
 def _check_no_float_copies(graph, model: nn.Module, replaced: dict[str, str]) -> None:

@@ -18,19 +18,47 @@ import torch
 from torch import nn
 
 from ._common import MANIFEST
+from .decoder import position_ids
 
 
 __all__ = ["load_exported", "ExportedModel"]
 
 
 class ExportedModel(nn.Module):
-    """A compiled ONNX Runtime session or OpenVINO model, called like a transformers model (eval only)."""
+    """A compiled ONNX Runtime session or OpenVINO model, called like a transformers model (eval only).
 
-    def __init__(self, run, inputs: list[str], output: str, target: str, folder: Path) -> None:
+    A causal LM exported with its key/value cache (`hf_compress.export.decoder`) also takes ``past_key_values`` (the
+    ``past_key_values`` of the previous call's output: a list of arrays) and ``position_ids``, both derived when
+    absent as transformers does (an empty cache; the positions after the cached tokens), and has a greedy `generate`.
+    """
+
+    def __init__(self, run, info: dict[str, Any], folder: Path) -> None:
         super().__init__()
-        self._run, self.inputs, self.output, self.target, self.folder = run, inputs, output, target, folder
+        self._run, self.folder, self.target = run, folder, info["target"]
+        self.inputs, self.output = info["inputs"], info["output"]
+        self.outputs, self.cache = info.get("outputs", [self.output]), info.get("cache")
 
-    def forward(self, **kwargs: Any) -> SimpleNamespace:
+    def _feeds(self, kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
+        def array(value, dtype):
+            value = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+            return value.astype(dtype, copy=False)
+
+        if self.cache is not None:
+            ids = array(kwargs["input_ids"], np.int64)
+            past = kwargs.get("past_key_values")
+            cached = 0 if past is None else past[0].shape[2]
+            mask = kwargs.get("attention_mask")
+            mask = np.ones((ids.shape[0], cached + ids.shape[1]), np.int64) if mask is None else array(mask, np.int64)
+            if mask.shape[1] != cached + ids.shape[1]:
+                raise ValueError(f"attention_mask has {mask.shape[1]} columns; with {cached} cached tokens and "
+                                 f"{ids.shape[1]} new ones it needs {cached + ids.shape[1]} (cached + new).")  # fmt: skip
+            if past is None:
+                past = [np.zeros((ids.shape[0], heads, 0, dim), np.float32) for heads, dim in self.cache for _ in "kv"]
+            positions = kwargs.get("position_ids")
+            if positions is None:  # as transformers' forward: the cache positions (`generate` passes mask-based ones)
+                positions = np.broadcast_to(np.arange(cached, cached + ids.shape[1]), ids.shape)
+            kwargs = {**kwargs, "input_ids": ids, "attention_mask": mask, "position_ids": positions,
+                      **dict(zip(self.inputs[3:], past))}  # fmt: skip
         feeds = {}
         for name in self.inputs:
             value = kwargs.get(name)
@@ -38,9 +66,44 @@ class ExportedModel(nn.Module):
                 value = torch.zeros_like(torch.as_tensor(kwargs["input_ids"]))
             if value is None:
                 raise ValueError(f"The exported model needs `{name}` (it takes {self.inputs}).")
-            array = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-            feeds[name] = array.astype(np.float32 if name == "pixel_values" else np.int64, copy=False)
-        return SimpleNamespace(**{self.output: torch.from_numpy(np.asarray(self._run(feeds)))})
+            floats = name == "pixel_values" or name.startswith("past_key_values.")
+            feeds[name] = array(value, np.float32 if floats else np.int64)
+        return feeds
+
+    def forward(self, **kwargs: Any) -> SimpleNamespace:
+        results = self._run(self._feeds(kwargs))
+        out = {self.output: torch.from_numpy(np.asarray(results[0]))}
+        if self.cache is not None:
+            out["past_key_values"] = [np.asarray(r) for r in results[1:]]
+        return SimpleNamespace(**out)
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 20, eos_token_id: int | None = None,
+                 pad_token_id: int | None = None) -> torch.Tensor:  # fmt: skip
+        """Greedy decoding with the exported cache; returns prompt + new tokens ``[batch, prompt + new]``, as
+        ``model.generate(..., do_sample=False)`` does (rows that produced `eos_token_id` continue with
+        `pad_token_id`, default the eos id; stops once every row has)."""
+        if self.cache is None:
+            raise ValueError(f"{self.folder} was exported without a key/value cache: export a causal LM with "
+                             "with_past=True (the default) to generate.")  # fmt: skip
+        ids = torch.as_tensor(input_ids).long()
+        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).long()
+        pad = eos_token_id if pad_token_id is None else pad_token_id
+        tokens, step, past = ids, ids, None
+        done = torch.zeros(ids.shape[0], dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            # positions counted over real tokens, as generate() does for left-padded rows
+            out = self(input_ids=step, attention_mask=mask, past_key_values=past,
+                       position_ids=position_ids(mask, step.shape[1]))  # fmt: skip
+            chosen = out.logits[:, -1].argmax(-1)
+            if eos_token_id is not None:
+                chosen = torch.where(done, torch.full_like(chosen, pad), chosen)
+                done |= chosen == eos_token_id
+            step, past = chosen[:, None], out.past_key_values
+            tokens = torch.cat([tokens, step], 1)
+            mask = torch.cat([mask, torch.ones_like(step)], 1)
+            if eos_token_id is not None and bool(done.all()):
+                break
+        return tokens
 
     def disk_bytes(self) -> int:
         """Bytes of the engine's model files (graph and weights)."""
@@ -63,7 +126,7 @@ def load_exported(folder: str | Path, threads: int | None = None, device: str = 
     """
     folder = Path(folder)
     info = json.loads((folder / MANIFEST).read_text())
-    target = info["target"]
+    target, outputs = info["target"], info.get("outputs", [info["output"]])
     if target == "onnx":
         import onnxruntime as ort
 
@@ -78,7 +141,7 @@ def load_exported(folder: str | Path, threads: int | None = None, device: str = 
         )
 
         def run(feeds):
-            return session.run([info["output"]], feeds)[0]
+            return session.run(outputs, feeds)
 
     elif target == "openvino":
         import openvino as ov
@@ -91,11 +154,12 @@ def load_exported(folder: str | Path, threads: int | None = None, device: str = 
         request = compiled.create_infer_request()
 
         def run(feeds):
-            return request.infer(feeds)[compiled.output(0)]
+            result = request.infer(feeds)
+            return [result[compiled.output(name)] for name in outputs]
 
     else:
         raise ValueError(
             f"{folder}: a {target!r} export is loaded by its own library (see its README.md); load_exported runs "
             "'onnx' and 'openvino' exports."
         )
-    return ExportedModel(run, info["inputs"], info["output"], target, folder)
+    return ExportedModel(run, info, folder)

@@ -181,6 +181,15 @@ def test_token_option_pushes_and_the_token_is_never_shown_or_saved(capsys, tmp_p
         assert "hf_revokedToken" not in stdout + err and len(err.strip().splitlines()) == 1
 
 
+def test_export_to_is_its_own_option_not_a_token(capsys):
+    # `--to` abbreviates --token on `push` (hidden there, see below) but is a real option of `export`: its value
+    # must stay readable in messages.
+    code, _, err = _run_or_exit(capsys, "export", "/does/not/exist", "--to", "onnx")
+    assert code == 2 and "/does/not/exist is not a folder" in err
+    code, _, err = _run_or_exit(capsys, "export", "/does/not/exist", "--to", "nonsense-engine")
+    assert code == 2 and "nonsense-engine" in err and "'onnx'" in err
+
+
 def test_the_reproduce_command_leaves_the_token_out():
     argv = ["compress", "--token", SECRET, "--preset", "int8", f"--token={SECRET}", "--tok", "x1234", "m"]
     assert reproduce_command(argv) == "hf-compress compress --preset int8 m"
