@@ -128,9 +128,10 @@ def compress(
         export (`str` or `list[str]`, *optional*): also export the saved folder for deployment engines
             (`hf_compress.export.TARGETS`: ``onnx``, ``openvino``, ``compressed-tensors``, ``transformers``), each
             into ``<output_dir>-<target>`` (needs `output_dir`); the folders are in ``result.exports``.
-        sequential (`bool`, *optional*): calibrate GPTQ and low-rank factorization (`LowRankLinearConfig`) layer by
-            layer, each layer from the compressed layers' outputs, in bounded memory (default: GPTQ so when one
-            pass would not fit).
+        sequential (`bool`, *optional*): calibrate GPTQ, low-rank factorization (`LowRankLinearConfig`) and
+            activation-scored pruning (`HeadPruningConfig` / `FFNPruningConfig` with ``importance="activation"``,
+            ``ranking="per_layer"``) layer by layer, each layer from the compressed layers' outputs, in bounded
+            memory (default: GPTQ so when one pass would not fit).
 
     Returns:
         `CompressionResult` with ``.model``, ``.report`` (print ``.report.to_text()``), ``.output_dir``, ``.push``.
@@ -294,7 +295,8 @@ def _apply(model, configs, calibration_data, original, distill, tokenizer, task_
 
 def _run_in_order(model, configs, calibration_data, tokenizer, sequential: bool) -> None:
     """Apply `configs` in their order; with `sequential`, those that have a layer-by-layer step (GPTQ, low-rank
-    factorization of linears) through `sequential_compress`, each run of the others in one `apply_compression`."""
+    factorization of linears, activation-scored pruning) through `sequential_compress`, each run of the others in
+    one `apply_compression`."""
     run = []
     for config in [*configs, None]:
         if config is not None and not (sequential and has_step(config)):

@@ -3,7 +3,8 @@
 `sequential_compress(model_or_path, config, calibration_data)` is the entry point (``compress(...,
 sequential=True)`` and ``hf-compress compress --sequential`` use it, and `compress` picks it by itself when one-pass
 calibration would not fit in memory). A technique joins the pipeline through a `LayerStep` (`layer_step.py`); GPTQ is
-`GPTQStep` (`steps.py`), activation-whitened low-rank factorization of linear layers `LowRankStep` (`low_rank.py`).
+`GPTQStep` (`steps.py`), activation-whitened low-rank factorization of linear layers `LowRankStep` (`low_rank.py`),
+head / FFN pruning scored by FLAP's fluctuation `PruningStep` (`pruning.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .pipeline import (
     run_sequential,
     sequential_compress,
 )
+from .pruning import PruningStep
 from .steps import GPTQStep, step_for
 
 
@@ -32,6 +34,7 @@ __all__ = [
     "LayerStep",
     "GPTQStep",
     "LowRankStep",
+    "PruningStep",
     "step_for",
     "ActivationStore",
 ]

@@ -26,10 +26,14 @@ class LayerStep:
             ``x`` (the compressed model's stream) with the float model's input ``x_f``: the pipeline then carries
             the float model's activations beside the compressed ones (twice the activation memory, one more float
             forward per layer) and hands them to `compress_layer` / `finish` as ``cross``.
+        channels: whether the step needs only each input feature's ``E[x]`` and ``E[x^2]`` (structured pruning's
+            fluctuation scores): each moment is then a ``[2, features]`` tensor instead of ``E[x x^T]``
+            (`MomentCollector`'s ``channels=True``), without float target.
     """
 
     float64: bool = False
     float_target: bool = False
+    channels: bool = False
 
     def prepare(self, model: nn.Module) -> None:
         """Plan the work on the whole (still uncompressed) model, before the first layer."""

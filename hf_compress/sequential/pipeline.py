@@ -104,12 +104,14 @@ def sequential_compress(
             loaded with its own class; its weights are read from the mmapped checkpoint one layer at a time.
         config (`TechniqueConfig`): the technique: `WeightQuantizationConfig` with ``algorithm="gptq"`` (or
             ``"auto"``), or `LowRankLinearConfig` (activation-whitened, each layer from the factorized layers'
-            outputs; see `low_rank.LowRankStep`, also for how a ``param_budget`` is shared).
+            outputs; see `low_rank.LowRankStep`, also for how a ``param_budget`` is shared), or
+            `HeadPruningConfig` / `FFNPruningConfig` with ``importance="activation"`` and ``ranking="per_layer"``
+            (each layer scored on the pruned layers' outputs; see `pruning.PruningStep`).
         calibration_data: texts, a `datasets.Dataset`, token batches or a `Calibration`.
         tokenizer (*optional*): tokenizes texts (default: the one saved with the model).
         batch_size (`int`, defaults to 16): calibration texts per forward.
         max_samples (`int`, *optional*): calibration texts used (default: the config's ``calibration_samples``, or
-            ``max_calibration_texts`` for low-rank factorization).
+            ``max_calibration_texts`` for low-rank factorization, ``max_samples`` for pruning).
         max_activation_bytes (`int`, ``"auto"`` or None): memory bound of the stored activations, spilled to a
             temporary folder past it (``0``: always on disk; None: no bound; ``"auto"``: a quarter of the memory
             available at the start).
@@ -125,7 +127,7 @@ def sequential_compress(
             layer forwards). A number in ``(0, 1]`` sets how much of that least-squares correction is applied (True:
             the step's default, GPTQ's `steps.DEFAULT_FLOAT_TARGET` 0.5, low-rank's `low_rank.LOW_RANK_FLOAT_TARGET`
             0.75). False: the float weights on the compressed inputs, ``||X_c W^T - X_c W'^T||`` (the GPTQ paper's
-            target), each layer in one pass.
+            target), each layer in one pass. Pruning has no float target: leave it at its default.
 
     Returns:
         The compressed model; ``model.config.quantization_config`` holds the recipe, as after `apply_compression`,
@@ -160,7 +162,8 @@ def sequential_compress(
     done = list(previous.techniques) if previous is not None else []
     check_canonical_order([*done, config])
     step = step_for(config, float_target=float_target)
-    default = getattr(config, "calibration_samples", getattr(config, "max_calibration_texts", None))
+    names = ("calibration_samples", "max_calibration_texts", "max_samples")
+    default = next((getattr(config, name) for name in names if hasattr(config, name)), None)
     samples = max_samples if max_samples is not None else default
     resolved = run_sequential(
         model, step, calibration, batch_size=batch_size, max_samples=samples,
@@ -219,7 +222,7 @@ def run_sequential(model: nn.Module, step: LayerStep, calibration: Calibration, 
                 released = calibrate_in_stages(model, step, layer, modules, inputs, index, store, reference,
                                                identical, device, home)  # fmt: skip
             else:
-                with MomentCollector(modules, float64=step.float64) as collector:
+                with MomentCollector(modules, float64=step.float64, channels=step.channels) as collector:
                     for b, batch in enumerate(inputs):
                         collector.set_mask(None if batch.mask is None else batch.mask.to(device or batch.mask.device))
                         run_layer(layer, store[b], *batch.layer_args[index], device)
@@ -239,7 +242,7 @@ def run_sequential(model: nn.Module, step: LayerStep, calibration: Calibration, 
         tail = step.tail_modules(model)
         moments, cross = {}, {}
         if tail:
-            with MomentCollector(tail, float64=step.float64) as collector:
+            with MomentCollector(tail, float64=step.float64, channels=step.channels) as collector:
                 run_tail(model, layers, batches, store, tail,
                          lambda batch, ref: collector.set_mask(batch.get("attention_mask"), reference=ref),
                          reference=None if identical else reference)  # fmt: skip
@@ -252,9 +255,9 @@ def run_sequential(model: nn.Module, step: LayerStep, calibration: Calibration, 
 
 
 def choose_sequential(sequential: bool | None, model_or_path: Any, configs: Any, calibration_data: Any) -> bool:
-    """`compress`'s choice: layer by layer when asked (``True``, checked: GPTQ or low-rank factorization of linears
-    with calibration data), or, by default (``None``), when GPTQ with calibration data would not fit in memory in
-    one pass (`needs_sequential`; a Hub id is not sized)."""
+    """`compress`'s choice: layer by layer when asked (``True``, checked: GPTQ, low-rank factorization of linears or
+    activation-scored pruning, with calibration data), or, by default (``None``), when GPTQ with calibration data
+    would not fit in memory in one pass (`needs_sequential`; a Hub id is not sized)."""
     if sequential is not None and not isinstance(sequential, bool):
         raise TypeError(f"sequential must be True, False or None (decide by memory), got {sequential!r}.")
     gptq = [c for c in configs if is_gptq(c)]
@@ -263,8 +266,9 @@ def choose_sequential(sequential: bool | None, model_or_path: Any, configs: Any,
             received = [type(c).__name__ for c in configs]
             raise ValueError(
                 "sequential=True calibrates layer by layer: it needs calibration_data=texts and, among the configs, "
-                "WeightQuantizationConfig(algorithm='gptq') or LowRankLinearConfig(...) (activation-whitened); got "
-                f"configs {received} and {'no' if calibration_data is None else 'some'} calibration_data."
+                "WeightQuantizationConfig(algorithm='gptq'), LowRankLinearConfig(...) (activation-whitened) or "
+                "HeadPruningConfig / FFNPruningConfig(importance='activation', ranking='per_layer'); got configs "
+                f"{received} and {'no' if calibration_data is None else 'some'} calibration_data."
             )
         return True
     sized = not isinstance(model_or_path, (str, os.PathLike)) or os.path.isdir(model_or_path)
@@ -282,8 +286,11 @@ def is_gptq(config: Any) -> bool:
 
 
 def has_step(config: Any) -> bool:
-    """Whether `config` runs layer by layer under ``sequential=True``: GPTQ, or activation-whitened low-rank
-    factorization of linear layers (``whiten="none"`` is refused by its step, with the fix)."""
+    """Whether `config` runs layer by layer under ``sequential=True``: GPTQ, activation-whitened low-rank
+    factorization of linear layers (``whiten="none"`` is refused by its step, with the fix), or head / FFN pruning
+    scored by ``importance="activation"`` (a global ranking is refused by its step, with the fix)."""
     from ..factorization.config import LowRankLinearConfig
+    from ..pruning.config import FFNPruningConfig, HeadPruningConfig
 
-    return is_gptq(config) or isinstance(config, LowRankLinearConfig)
+    pruning = isinstance(config, (HeadPruningConfig, FFNPruningConfig)) and config.importance == "activation"
+    return is_gptq(config) or isinstance(config, LowRankLinearConfig) or pruning

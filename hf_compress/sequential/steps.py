@@ -6,9 +6,10 @@ compresses the layer from them (`compress_layer`), and finishes with what lies o
 layer the outputs of the layers before it *as compressed*, collects the padding-aware input moments ``E[x x^T]`` of
 the named modules (`hf_compress.calibration.MomentCollector`, the helper GPTQ's one-pass path and the low-rank
 whitening share; with `float_target`, also the cross moments with the float model's own activations), and releases
-the float weights each step hands back. Two techniques have a step: GPTQ (`GPTQStep`, here) and data-aware low-rank
-factorization of linear layers (`low_rank.LowRankStep`, whitened by the same moments, in float64). Others (FFN
-importance from input norms, ...) fit the same shape: a new step only writes these methods.
+the float weights each step hands back. Three techniques have a step: GPTQ (`GPTQStep`, here), data-aware low-rank
+factorization of linear layers (`low_rank.LowRankStep`, whitened by the same moments, in float64) and head / FFN
+pruning scored by FLAP's fluctuation (`pruning.PruningStep`, from per-feature means and second moments only).
+Others fit the same shape: a new step only writes these methods.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from ..factorization.config import LowRankLinearConfig
+from ..pruning.config import FFNPruningConfig, HeadPruningConfig
 from ..quantization.algorithms import QuantizedWeight
 from ..quantization.config import WeightQuantizationConfig
 from ..quantization.convert import new_module, quantize_into
@@ -29,6 +31,7 @@ from ..quantization.mmap_pages import drop_pages, in_checkpoint_mmap, trim_heap
 from ..utils import replace_module
 from .layer_step import LayerStep, target_strength
 from .low_rank import LowRankStep
+from .pruning import PruningStep
 
 
 if TYPE_CHECKING:
@@ -191,8 +194,11 @@ def step_for(config: TechniqueConfig, *, float_target: bool | float = True) -> L
         return GPTQStep(config, float_target=float_target)
     if isinstance(config, LowRankLinearConfig):
         return LowRankStep(config, float_target=float_target)
+    if isinstance(config, (HeadPruningConfig, FFNPruningConfig)):
+        return PruningStep(config, float_target=float_target)
     raise ValueError(
         f"{type(config).__name__} has no sequential (layer-by-layer) calibration step; only weight quantization "
-        "with GPTQ (WeightQuantizationConfig(algorithm='gptq')) and low-rank factorization of linear layers "
-        "(LowRankLinearConfig) do. Run it without sequential=True."
+        "with GPTQ (WeightQuantizationConfig(algorithm='gptq')), low-rank factorization of linear layers "
+        "(LowRankLinearConfig) and head / FFN pruning (HeadPruningConfig, FFNPruningConfig with "
+        "importance='activation') do. Run it without sequential=True."
     )
