@@ -62,7 +62,8 @@ class WeightQuantizationConfig(TechniqueConfig):
             e.g. 312, the largest even divisor below it); for 8 bits to 128 where it divides the
             features (mean cosine 0.99985 vs 0.99968 per channel on MiniLM), else the whole row. Decoder models and
             ``activations="int8_dynamic"`` get the whole row (one scale per output channel) for 8 bits: that is what
-            the packed decoding kernel and the int8 x int8 matmul take.
+            the packed decoding kernel and the int8 x int8 matmul take. ``-1`` asks for the whole row everywhere
+            (one scale per output channel, GPTQ tools' convention), e.g. for engines that are fastest per channel.
         symmetric (`bool`, *optional*):
             Scale only (``True``) or scale plus zero offset (``False``). Defaults to ``True`` for 8 bits and
             ``False`` for 4 bits, the most accurate choice measured for each.
@@ -132,7 +133,8 @@ class WeightQuantizationConfig(TechniqueConfig):
     bits: int = field(default=8, metadata={"help": "Bits per weight: 8 or 4."})
     group_size: int | None = field(
         default=None,
-        metadata={"help": "Input features per scale (default: 32 for 4 bits; 8 bits: 128, whole row for decoders)."},
+        metadata={"help": "Input features per scale, -1 for the whole row (default: 32 for 4 bits; 8 bits: 128, whole "
+                          "row for decoders)."},
     )
     symmetric: bool | None = field(
         default=None,
@@ -259,6 +261,8 @@ class WeightQuantizationConfig(TechniqueConfig):
                 group_size = override.get("group_size", group_size)
                 symmetric = override.get("symmetric", symmetric)
                 break
+        if group_size == -1:  # per output channel, whatever the width
+            group_size = in_features
         if group_size is None and bits == 4:
             group_size = min(32, in_features)
             if in_features % group_size:  # e.g. TinyBERT's 312: the largest even divisor below 32 (26), not an error
@@ -295,6 +299,9 @@ def _check_bits(bits: Any, what: str) -> int:
 
 
 def _check_group_size(group_size: Any, what: str) -> None:
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size < 2 and group_size != -1):
         error = ValueError if isinstance(group_size, int) and not isinstance(group_size, bool) else WrongTypeError
-        raise error(f"{what} must be an integer >= 2 (e.g. 32, 64, 128), got {describe(group_size)}.")
+        raise error(
+            f"{what} must be an integer >= 2 (e.g. 32, 64, 128) or -1 (one scale per output channel), got "
+            f"{describe(group_size)}."
+        )

@@ -128,6 +128,28 @@ def test_config_rejects_bad_values(kwargs, match):
         WeightQuantizationConfig(**kwargs)
 
 
+def test_group_size_minus_one_is_one_scale_per_output_channel():
+    for bits in (8, 4):
+        config = WeightQuantizationConfig(bits=bits, group_size=-1, overrides={"query": {"group_size": 16}})
+        assert config.spec_for("layer.0.output.dense", "linear", 1536).group_size == 1536
+        assert config.spec_for("layer.0.intermediate.dense", "linear", 384).group_size == 384
+        assert config.spec_for("layer.0.query", "linear", 384).group_size == 16
+    assert WeightQuantizationConfig(bits=8, overrides={"value": {"group_size": -1}}).spec_for(
+        "layer.0.value", "linear", 512
+    ).group_size == 512
+    with pytest.raises(ValueError, match=r"or -1 \(one scale per output channel\), got -2"):
+        WeightQuantizationConfig(group_size=-2)
+    from conftest import tiny_model
+
+    from hf_compress import apply_compression
+
+    model = tiny_model("bert")
+    apply_compression(model, WeightQuantizationConfig(bits=8, group_size=-1, algorithm="rtn"))
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.weight_scale.shape == (m.out_features, 1) for m in layers)
+    assert {m.in_features for m in layers} == {32, 64}  # both widths: the whole row each time
+
+
 def test_group_size_must_divide_features():
     config = WeightQuantizationConfig(bits=4, group_size=48)
     with pytest.raises(ValueError, match="does not divide the 64 input features of 'fc'"):
