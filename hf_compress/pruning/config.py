@@ -62,7 +62,7 @@ class _ScoringFields:
     )  # fmt: skip
     compensate_bias: bool = field(
         default=True,
-        metadata={"help": "With importance='activation': add the removed units' mean output to the output "
+        metadata={"help": "With calibration data (any importance): add the removed units' mean output to the output "
                   "projection's bias (FLAP's compensation), where it has one (not Llama, Mistral, Qwen2)."},
     )  # fmt: skip
     max_samples: int = field(default=256, metadata={"help": "Calibration texts used for scoring, at most."})

@@ -175,12 +175,12 @@ def heads_to_remove(heads: list[list[int]], config: HeadPruningConfig) -> int:
 def apply_head_pruning(model: nn.Module, config: HeadPruningConfig, calibration_data: Any = None) -> HeadPruningConfig:
     """Rank and remove heads of `model` in place; return the config with the explicit `heads_to_prune` map.
 
-    With ``importance="activation"`` and `compensate_bias`, the removed heads' mean output is first added to the
-    attention output projection's bias, where it has one (`activation.compensate_heads`); an explicit
-    `heads_to_prune` map is compensated too when calibration data is given."""
+    With calibration data and `compensate_bias`, whatever ranked the heads (or an explicit `heads_to_prune` map),
+    the removed heads' mean output on that data is first added to the attention output projection's bias, where
+    it has one (`activation.compensate_heads`)."""
     heads = kept_heads(model)
     if config.heads_to_prune is not None:
-        if config.importance == "activation" and config.compensate_bias and calibration_data is not None:
+        if config.compensate_bias and calibration_data is not None:
             _compensate_heads(model, config.heads_to_prune, _statistics(model, "heads", config, calibration_data))
         prune_heads(model, config.heads_to_prune)
         return config
@@ -188,8 +188,9 @@ def apply_head_pruning(model: nn.Module, config: HeadPruningConfig, calibration_
     method, scores, stats = _scores(model, "heads", config, calibration_data)
     plan = plan_heads(model, heads, scores, to_remove, config)
     matrix = _importance_matrix(model, heads, scores)
-    if stats is not None and config.compensate_bias:
-        _compensate_heads(model, plan, stats)
+    if config.compensate_bias and calibration_data is not None:
+        _compensate_heads(model, plan, stats if stats is not None else _statistics(model, "heads", config,
+                                                                                  calibration_data))  # fmt: skip
     prune_heads(model, plan)
     return dataclasses.replace(
         config, fraction=None, num_heads_to_prune=None, heads_to_prune=plan, importance=method, head_importance=matrix
@@ -236,15 +237,17 @@ def ffn_keep(score: torch.Tensor, target: int) -> torch.Tensor:
 def apply_ffn_pruning(model: nn.Module, config: FFNPruningConfig, calibration_data: Any = None) -> FFNPruningConfig:
     """Rank and remove FFN neurons of `model` in place; return the config with explicit `intermediate_sizes`.
 
-    With ``importance="activation"`` and `compensate_bias`, the removed neurons' mean output is first added to the
-    FFN down projection's bias, where it has one (`activation.compensate_ffn`)."""
+    With calibration data and `compensate_bias`, whatever ranked the neurons, the removed neurons' mean output on
+    that data is first added to the FFN down projection's bias, where it has one (`activation.compensate_ffn`)."""
     layers = get_adapter(model).layer_modules(model)
     sizes = [ffn_size(model, layer) for layer in layers]
     _check_prunes_something(config, sizes)  # the certain cases, before the scoring passes
     method, scores, stats = _scores(model, "ffn", config, calibration_data)
     targets = ffn_targets(config, sizes, scores)
     keep = {layer: ffn_keep(s, targets[layer]) for layer, s in enumerate(scores) if targets[layer] < sizes[layer]}
-    if stats is not None and config.compensate_bias:
+    if config.compensate_bias and calibration_data is not None and keep:
+        if stats is None:  # gradient or magnitude ranking: one forward pass more for the means
+            stats = _statistics(model, "ffn", config, calibration_data)
         for layer, index in keep.items():
             compensate_ffn(model, layer, index, stats[layer][0])
     prune_ffn(model, keep)
