@@ -161,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--distill", action=argparse.BooleanOptionalAction, default=None,
                      help="Recovery distillation after pruning/factorization (default: as the preset says).")  # fmt: skip
     out.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
-                     help="Calibrate GPTQ layer by layer (memory: one layer plus the calibration activations; "
-                     "default: only when one-pass calibration would not fit in memory).")  # fmt: skip
+                     help="Calibrate layer by layer: GPTQ, activation-whitened low-rank factorization and "
+                     "importance='activation' pruning (memory: one layer plus the calibration activations; default: "
+                     "only when one-pass GPTQ would not fit in memory).")  # fmt: skip
     out.add_argument("--no-measure", action="store_true", help="Skip the before/after report (faster).")
     out.add_argument("--json", action="store_true", help="Print the report as JSON instead of a table.")
     out.add_argument("--export", nargs="+", choices=EXPORT_TARGETS, metavar="TARGET",
