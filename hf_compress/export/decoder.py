@@ -21,22 +21,32 @@ import torch
 from torch import nn
 
 
-__all__ = ["cache_layout", "WithPast", "past_names", "present_names", "example_with_past", "position_ids"]
+__all__ = ["cache_layout", "cache_argument", "returned_cache", "WithPast", "past_names", "present_names", "example_with_past", "position_ids"]
 
 
-def _is_causal_lm(model: nn.Module) -> bool:
+def cache_argument(model: nn.Module) -> str | None:
+    """The name a causal LM's forward takes its cache under (``cache`` since transformers 5.24, before it
+    ``past_key_values``), or None for models that do not decode (encoders, classifiers)."""
     params = inspect.signature(model.forward).parameters
-    return "past_key_values" in params and hasattr(model, "generate") and hasattr(model, "lm_head")
+    if not (hasattr(model, "generate") and hasattr(model, "lm_head")):
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def returned_cache(output):
+    """The cache in a model output, under either transformers name."""
+    cache = output.get("cache")
+    return cache if cache is not None else output.get("past_key_values")
 
 
 def cache_layout(model: nn.Module) -> list[tuple[int, int]] | None:
     """``[(kv_heads, head_dim), ...]`` per layer of a causal LM's cache, read from one forward; None for models that
     do not decode (encoders, classifiers)."""
-    if not _is_causal_lm(model):
+    if cache_argument(model) is None:
         return None
     ids = torch.zeros(1, 2, dtype=torch.long)
     with torch.no_grad():
-        cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
+        cache = returned_cache(model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True))
     layers = getattr(cache, "layers", None)
     expected = model.config.get_text_config().num_hidden_layers
     if layers is None or len(layers) != expected or any(getattr(layer, "keys", None) is None for layer in layers):
@@ -61,7 +71,7 @@ class WithPast(nn.Module):
 
     def __init__(self, model: nn.Module, layers: int) -> None:
         super().__init__()
-        self.model, self.layers = model, layers
+        self.model, self.layers, self.argument = model, layers, cache_argument(model)
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
@@ -69,8 +79,8 @@ class WithPast(nn.Module):
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
         cache = DynamicCache(ddp_cache_data=pairs, config=self.model.config)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True, return_dict=True)  # fmt: skip
-        present = [tensor for layer in out.past_key_values.layers for tensor in (layer.keys, layer.values)]
+                         use_cache=True, return_dict=True, **{self.argument: cache})  # fmt: skip
+        present = [tensor for layer in returned_cache(out).layers for tensor in (layer.keys, layer.values)]
         return (out.logits, *present)
 
 

@@ -44,7 +44,7 @@ class EmptyAttention(nn.Module):
             self.add_module(out_name, out_module)
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # "cache" since transformers 5.24
         if cache is not None and self.layer_idx is not None and hasattr(cache, "update"):
             # One 1-wide placeholder head: a zero-element cache would report sequence length 0.
             placeholder = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_compress import apply_compression
 from hf_compress.export import export, load_exported
+from hf_compress.export.decoder import returned_cache
 from hf_compress.pruning import FFNPruningConfig, HeadPruningConfig
 from hf_compress.quantization import WeightQuantizationConfig
 
@@ -61,7 +62,7 @@ def test_exported_decoder_generates_what_pytorch_generates(family, prune, target
     assert info["inputs"][3:] == [f"past_key_values.{i}.{p}" for i in range(layers) for p in ("key", "value")]
     assert info["outputs"] == ["logits"] + [f"present.{i}.{p}" for i in range(layers) for p in ("key", "value")]
     with torch.no_grad():
-        cache = model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True).past_key_values
+        cache = returned_cache(model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True))
     assert info["cache"] == [[layer.keys.shape[1], layer.keys.shape[3]] for layer in cache.layers]
     if prune == {0: [0, 1]}:
         assert info["cache"][0][0] < info["cache"][1][0]  # the pruned layer's cache is narrower
