@@ -76,8 +76,8 @@ def kernel_weight_t(
             data = _block_bytes(flat, blocks, cols)  # [count, K, L / 2]
             size, first = data.numel(), start + blocks.start
             planes = []
-            for plane, make in ((low, torch.bitwise_and), (high, torch.bitwise_right_shift)):
-                values = make(data, 15 if make is torch.bitwise_and else 4, out=plane[:size].view_as(data))
+            for plane, split, operand in ((low, torch.bitwise_and, 15), (high, torch.bitwise_right_shift, 4)):
+                values = split(data, operand, out=plane[:size].view_as(data))
                 planes.append(values.view(torch.int8).sub_(8).permute(1, 0, 2))  # centred, [K, count, L / 2]
             target = out[:, first : first + blocks.count * blocks.rows]
             # halves: row = high * L/2 + d; pairs: row = 2d + high (see `int4_layout`)

@@ -62,11 +62,10 @@ def dequantized_weight(
     """The ``[out, in]`` float weight that `layer` represents, in `dtype` (default: its compute dtype), written into
     `out` when given."""
     dtype = dtype or layer.compute_dtype
-    if layout_of(layer) == CPU_INT4PACK and dtype.is_floating_point:
-        weight_t = kernel_weight_t(layer, dtype)
+    if layout_of(layer) == CPU_INT4PACK:
+        weight_t = kernel_weight_t(layer, dtype) if dtype.is_floating_point else None
         if weight_t is not None:
             return weight_t.t().contiguous() if out is None else out.copy_(weight_t.t())
-    if layout_of(layer) == CPU_INT4PACK:
         q = layer_nibbles(layer).view(torch.int8) - 8
     elif layer.bits == 4 and dtype.is_floating_point:
         packed = layer.weight_packed
