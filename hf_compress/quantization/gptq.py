@@ -123,6 +123,7 @@ def gptq_weight(
     *,
     cross: torch.Tensor | None = None,
     strength: float = 1.0,
+    overwrite: bool = False,
 ) -> QuantizedWeight:
     """GPTQ for one ``[out, in]`` weight with its input Hessian (or its `HessianFactor`, reused across calls);
     returns centred integers, scales and offsets.
@@ -134,28 +135,41 @@ def gptq_weight(
     with ``H`` minimises the error to the float outputs, ``||X_f W^T - X_q Q^T||`` (the asymmetric calibration of
     GPTAQ, Li et al. 2025). ``D = 0`` (identical inputs) is plain GPTQ. `strength` scales the correction
     ``W D (H + damp I)^-1`` (a shrinkage of a least-squares fit on few calibration tokens; 1: the full fit).
+
+    `overwrite` lets the column loop work in `weight`'s own memory when it is a contiguous float32 tensor the caller
+    no longer needs (e.g. a float-target weight it computed): one ``[out, in]`` float copy fewer at the peak.
     """
     check_weight(weight, name)
     factor = hessian if isinstance(hessian, HessianFactor) else hessian_factor(hessian, damp)
     if cross is None:
-        w = weight.detach().float().clone()
+        own = overwrite and weight.dtype == torch.float32 and weight.is_contiguous()
+        w = weight.detach() if own else weight.detach().float().clone()
     else:
         w = float_target_weight(weight, factor, cross, name, strength)
     return _quantize_columns(w, factor, spec, dtype)
 
 
-def float_target_weight(weight: torch.Tensor, factor: HessianFactor, cross: torch.Tensor, name: str,
-                        strength: float = 1.0) -> torch.Tensor:  # fmt: skip
+def float_target_weight(weight: torch.Tensor, factor: HessianFactor, cross: torch.Tensor | dict[str, torch.Tensor],
+                        name: str, strength: float = 1.0, *, projected: bool = False) -> torch.Tensor:  # fmt: skip
     """``W + strength W D (H + damp I)^-1`` in float32 (a new tensor): the float weight that, on the quantized
-    model's inputs, best reproduces the float model's outputs (`gptq_weight`'s ``cross``)."""
-    cols = weight.shape[1]
-    if cross.shape != (cols, cols):
-        raise ValueError(f"{name}: the cross moment is {tuple(cross.shape)}, expected {(cols, cols)}.")
+    model's inputs, best reproduces the float model's outputs (`gptq_weight`'s ``cross``).
+
+    `cross` is ``D``, or a dict of them from which ``D`` is popped under `name`: ``D`` (``in x in``, a down_proj's
+    largest tensor) is then freed as soon as ``W D`` exists, before the temporaries that follow. `projected`: it is
+    ``W D`` itself (``[out, in]``, `MomentCollector`'s ``project``)."""
+    d = cross.pop(name) if isinstance(cross, dict) else cross
+    expected = tuple(weight.shape) if projected else (weight.shape[1], weight.shape[1])
+    if tuple(d.shape) != expected:
+        raise ValueError(f"{name}: the cross moment is {tuple(d.shape)}, expected {expected}.")
     w = weight.detach().float()
+    product = d.to(w.device, torch.float32) if projected else w @ d.to(w.device, torch.float32)
+    del d
     upper = factor.upper
-    # (H + damp)^-1 = U^T U. The float weights of dead inputs count here: the float model's inputs may fire.
-    correction = (w @ cross.to(w.device, torch.float32)).mul_(strength)
-    return w + (correction @ upper.t()) @ upper
+    # (H + damp)^-1 = U^T U. The float weights of dead inputs count here: the float model's inputs may fire. Two
+    # [out, in] temporaries at most (W D U^T, then the result): a down_proj's are the size of its weight each.
+    half = product @ upper.t()
+    del product
+    return torch.addmm(w, half, upper, alpha=strength)
 
 
 def _quantize_columns(w: torch.Tensor, factor: HessianFactor, spec: ModuleSpec, dtype: torch.dtype

@@ -26,12 +26,22 @@ def qrange(bits: int) -> tuple[int, int]:
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
+# Rows packed at a time: the int8 / uint8 temporaries then cover one block, not a whole LM head (a 32000 x 2048
+# head would otherwise hold ~200 MB of them at once, the peak of a sequential calibration's last step).
+_PACK_ROWS = 1024
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """Centred int4 values ``[..., 2k]`` in [-8, 7] -> ``uint8 [..., k]`` (even column in the low nibble)."""
     if q.shape[-1] % 2:
         raise ValueError(f"4-bit packing needs an even number of columns, got {q.shape[-1]}.")
-    u = (q.to(torch.int16) + 8).to(torch.uint8)
-    return u[..., 0::2] | (u[..., 1::2] << 4)
+    flat = q.reshape(-1, q.shape[-1])
+    out = torch.empty(flat.shape[0], q.shape[-1] // 2, dtype=torch.uint8, device=q.device)
+    for start in range(0, flat.shape[0], _PACK_ROWS):
+        # q + 8 is in [0, 15]: int8 arithmetic cannot overflow, and the bits are those of the uint8 nibble.
+        u = (flat[start : start + _PACK_ROWS].to(torch.int8) + 8).view(torch.uint8)
+        torch.bitwise_or(u[:, 0::2], u[:, 1::2] << 4, out=out[start : start + _PACK_ROWS])
+    return out.reshape(*q.shape[:-1], q.shape[-1] // 2)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,12 @@ class LayerStep:
         stage, in execution order, so that each stage's moments are taken with the earlier stages compressed."""
         raise NotImplementedError
 
+    def cross_weights(self, stage: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        """Modules of a stage whose cross moment the pipeline should collect as ``W D`` (``[out, in]``, see
+        `MomentCollector`'s ``project``) instead of ``D``, name -> ``W``; only for a step that needs no more of
+        ``D`` than ``W D``. None by default."""
+        return {}
+
     def tail_modules(self, model: nn.Module) -> dict[str, nn.Module]:
         """Modules after the layers (LM head, pooler, classifier) whose input moments `finish` needs."""
         return {}

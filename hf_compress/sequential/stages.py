@@ -88,7 +88,9 @@ def calibrate_in_stages(model: nn.Module, step: LayerStep, layer: nn.Module, mod
         last, same = number == len(stages) - 1, identical and number == 0
         stop = None if last else modules[stage[-1]]  # the float forward of the last stage gives the layer's output
         stop_quantized = None if same and last else modules[stage[-1]]
-        with MomentCollector({name: modules[name] for name in stage}, float64=step.float64) as collector:
+        members = {name: modules[name] for name in stage}
+        project = {} if same else step.cross_weights(members)
+        with MomentCollector(members, float64=step.float64, project=project) as collector:
             for b, batch in enumerate(inputs):
                 mask = None if batch.mask is None else batch.mask.to(device or batch.mask.device)
                 args = batch.layer_args[index]

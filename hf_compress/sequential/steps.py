@@ -82,6 +82,7 @@ class GPTQStep(LayerStep):
         self.config = dataclasses.replace(config, algorithm="gptq")
         self.specs: dict[str, ModuleSpec] = {}
         self.stored: dict[str, list] = {}
+        self.projected: set[str] = set()  # modules whose cross moment is collected as W D (`cross_weights`)
         self.compute_dtype = torch.float32
 
     def prepare(self, model: nn.Module) -> None:
@@ -94,6 +95,19 @@ class GPTQStep(LayerStep):
         names = [n for n, s in self.specs.items() if n.startswith(prefix + ".") and s.kind != "embedding"]
         return {name: model.get_submodule(name) for name in names}
 
+    def cross_weights(self, stage: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        # The float target needs only W D. A lone module with fewer outputs than inputs (down_proj) collects that
+        # directly; modules sharing an input (q/k/v, gate/up) share one D, smaller than their W D together.
+        if len(stage) != 1:
+            return {}
+        (name, module), = stage.items()
+        spec = self.specs.get(name)
+        weight = getattr(module, "weight", None)
+        if spec is None or spec.kind != "linear" or weight is None or weight.shape[0] >= weight.shape[1]:
+            return {}
+        self.projected.add(name)
+        return {name: weight}
+
     def _quantize_all(self, model: nn.Module, names: list[str], moments: dict[str, torch.Tensor],
                       cross: dict[str, torch.Tensor] | None) -> list[torch.Tensor]:  # fmt: skip
         """Quantize `names`, consuming their moments: one Hessian factor per distinct input (q/k/v share one)."""
@@ -105,6 +119,7 @@ class GPTQStep(LayerStep):
         for name, factor in shared_factors(names, moments, self.config.damp):
             released.append(self._quantize(model, name, factor, cross))
             del factor
+            trim_heap()  # each module's float temporaries, before the next one's (the peak is one module's)
         return released
 
     def _quantize(self, model: nn.Module, name: str, factor: HessianFactor,
@@ -116,11 +131,13 @@ class GPTQStep(LayerStep):
         new = new_module(module, spec, self.config, module.weight.device, module.weight.dtype)
         weight = module.weight.t() if spec.kind == "conv1d" else module.weight
         factor = HessianFactor(factor.upper.to(weight.device), factor.dead.to(weight.device))
+        projected = name in self.projected and name in cross
+        owned = name in cross and (projected or weight.shape[0] <= _GPTQ_ROWS)
+        if owned:  # the target weight first (popping D, in^2, as soon as it is used); GPTQ then rounds it in place
+            weight = float_target_weight(weight, factor, cross, name, self.strength, projected=projected)
         d = cross.pop(name, None)
-        if d is not None and weight.shape[0] <= _GPTQ_ROWS:  # the target weight first, so as to free D (in^2) early
-            weight, d = float_target_weight(weight, factor, d, name, self.strength), None
-        new.load_quantized(_gptq_by_rows(weight, factor, spec, self.config, name, d, self.strength))
-        del d
+        new.load_quantized(_gptq_by_rows(weight, factor, spec, self.config, name, d, self.strength, owned))
+        del d, weight
         if module.bias is not None:
             new.bias = nn.Parameter(module.bias.detach().to(new.bias.dtype))
         replace_module(model, name, new)
@@ -168,23 +185,29 @@ _GPTQ_ROWS = 4096
 
 
 def _gptq_by_rows(weight: torch.Tensor, factor: HessianFactor, spec: ModuleSpec, config: WeightQuantizationConfig,
-                  name: str, cross: torch.Tensor | None = None, strength: float = 1.0) -> QuantizedWeight:  # fmt: skip
+                  name: str, cross: torch.Tensor | None = None, strength: float = 1.0,
+                  overwrite: bool = False) -> QuantizedWeight:  # fmt: skip
     """`gptq_weight` over blocks of rows (the same result: one Hessian factor for them all), dropping each block's
-    checkpoint pages once done."""
+    checkpoint pages once done; `overwrite`: `weight` is the caller's float copy, rounded in place."""
     rows = weight.shape[0]
     if rows <= _GPTQ_ROWS:
-        return gptq_weight(weight, factor, spec, config.damp, config.scale_dtype, name, cross=cross, strength=strength)
+        return gptq_weight(weight, factor, spec, config.damp, config.scale_dtype, name, cross=cross,
+                           strength=strength, overwrite=overwrite)  # fmt: skip
     mapped = weight.is_contiguous() and in_checkpoint_mmap(weight)
-    parts = []
+    result = None
     for start in range(0, rows, _GPTQ_ROWS):
         block = weight[start : start + _GPTQ_ROWS]
-        parts.append(
-            gptq_weight(block, factor, spec, config.damp, config.scale_dtype, name, cross=cross, strength=strength)
-        )
+        part = gptq_weight(block, factor, spec, config.damp, config.scale_dtype, name, cross=cross,
+                           strength=strength, overwrite=overwrite)  # fmt: skip
+        if result is None:  # written block by block: joining the parts at the end would hold the codes twice
+            result = QuantizedWeight(*(None if t is None else t.new_empty(rows, *t.shape[1:]) for t in part))
+        for whole, piece in zip(result, part):
+            if piece is not None:
+                whole[start : start + len(piece)] = piece
+        del part
         if mapped:
             drop_pages(block)
-    zero = None if parts[0].zero is None else torch.cat([p.zero for p in parts])
-    return QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), zero)
+    return result
 
 
 def step_for(config: TechniqueConfig, *, float_target: bool | float = True) -> LayerStep:

@@ -33,6 +33,18 @@ def test_int4_pack_roundtrip(rows, half_cols, seed):
         assert torch.equal(fresh, q.to(dtype)) and torch.equal(reused, fresh)
 
 
+
+@pytest.mark.parametrize("shape", [(2500, 6), (3, 700, 4), (1, 1030, 2), (0, 8)])
+def test_int4_pack_in_row_blocks_equals_the_whole_tensor_formula(shape):
+    """Packing works on blocks of rows (bounded temporaries for an LM head); the result is the whole-tensor
+    formula's, across block edges, for leading dimensions that flatten over a block and for a transposed input."""
+    q = torch.randint(-8, 8, shape, generator=torch.Generator().manual_seed(1), dtype=torch.int8)
+    for source in (q, q.transpose(0, -2).contiguous().transpose(0, -2)):
+        u = (source.to(torch.int16) + 8).to(torch.uint8)
+        assert torch.equal(pack_int4(source), u[..., 0::2] | (u[..., 1::2] << 4))
+    if q.numel():
+        assert torch.equal(unpack_int4(pack_int4(q)), q)
+
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**16))
 def test_int8_pack_is_identity(seed):

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from hf_compress import apply_compression
 from hf_compress.calibration import Calibration, MomentCollector, real_tokens
 from hf_compress.quantization import WeightQuantizationConfig
+from hf_compress.quantization.gptq import float_target_weight, hessian_factor
 from hf_compress.sequential import GPTQStep, run_sequential, sequential_compress
 from hf_compress.sequential.steps import DEFAULT_FLOAT_TARGET
 
@@ -47,6 +48,42 @@ def test_cross_moments_over_real_tokens():
         with pytest.raises(RuntimeError, match="never paired"):
             collector.set_mask(None, reference=True)
 
+
+
+def test_projected_cross_moment_is_the_weight_times_the_full_one():
+    """A module in ``project`` gets ``W D`` (``[out, in]``) instead of ``D``, never shares its sums with a module
+    on the same input, and gives the same float-target weight as the full ``D``."""
+    torch.manual_seed(0)
+    down, side = nn.Linear(12, 4), nn.Linear(12, 6)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[2, 1:] = False
+    pairs = [(torch.randn(3, 5, 12), torch.randn(3, 5, 12)) for _ in range(2)]
+    collectors = {}
+    for label, project in (("full", None), ("projected", {"down": down.weight})):
+        with MomentCollector({"down": down, "side": side}, project=project) as collector:
+            for x_float, x_quant in pairs:
+                collector.set_mask(mask, reference=True)
+                down(x_float), side(x_float)
+                collector.set_mask(mask)
+                down(x_quant), side(x_quant)
+        collectors[label] = collector
+    full, projected = collectors["full"].cross_moments(), collectors["projected"].cross_moments()
+    assert projected["down"].shape == (4, 12) and projected["side"].shape == (12, 12)
+    torch.testing.assert_close(projected["down"], down.weight.detach() @ full["down"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(projected["side"], full["side"])
+    moments = collectors["projected"].moments()
+    factor = hessian_factor(moments["down"], 0.01)
+    for strength in (1.0, 0.5):
+        expected = float_target_weight(down.weight, factor, full["down"], "down", strength)
+        got = float_target_weight(down.weight, factor, dict(projected), "down", strength, projected=True)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    cross = {"down": full["down"].clone()}
+    float_target_weight(down.weight, factor, cross, "down")
+    assert "down" not in cross  # popped: freed as soon as W D exists
+    with pytest.raises(ValueError, match=r"expected \(4, 12\)"):
+        float_target_weight(down.weight, factor, full["down"], "down", projected=True)
+    with pytest.raises(ValueError, match="no cross moments to project"):
+        MomentCollector({"down": down}, channels=True, project={"down": down.weight})
 
 class _Recording(GPTQStep):
     """GPTQStep that notes the stages it compresses and which modules got cross moments, and the activation spill
@@ -188,7 +225,11 @@ def test_cross_moments_pair_the_float_model_with_the_quantized_one(family):
         for name in names:
             xf, xq = x_float[name], x_quant[name]
             torch.testing.assert_close(moments[name], xq.t() @ xq / len(xq), rtol=1e-4, atol=1e-5)
-            if name in cross:
+            if name in step.projected:  # a down-projection's cross moment arrives already multiplied: W D
+                weight = base.get_submodule(name).weight.detach().float()
+                expected = weight @ ((xf - xq).t() @ xq / len(xq))
+                torch.testing.assert_close(cross[name], expected, rtol=1e-4, atol=1e-5)
+            elif name in cross:
                 torch.testing.assert_close(cross[name], (xf - xq).t() @ xq / len(xq), rtol=1e-4, atol=1e-5)
             else:  # the first stage: the same inputs
                 torch.testing.assert_close(xf, xq, rtol=0, atol=0)
