@@ -69,7 +69,10 @@ enc = tokenizer(["some text"], padding=True, return_tensors="np")
 out = compiled({{name: enc[name] for name in {inputs}}})[compiled.output(0)]
 ```
 
-Or `hf_compress.export.load_exported(".")`.
+Or `hf_compress.export.load_exported(".")`. Faster settings: `{{"DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}}` alone
+(float activations at the CPU's default precision: bf16 where the CPU has it), or no config at all (int8 activations
+quantized on the fly in groups of 32; `16` is finer); `load_exported(".", exact=False, engine_config={{...}})` takes
+the same properties.
 """,
 }
 

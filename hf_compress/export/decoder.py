@@ -21,7 +21,16 @@ import torch
 from torch import nn
 
 
-__all__ = ["cache_layout", "cache_argument", "returned_cache", "WithPast", "past_names", "present_names", "example_with_past", "position_ids"]
+__all__ = [
+    "cache_layout",
+    "cache_argument",
+    "returned_cache",
+    "WithPast",
+    "past_names",
+    "present_names",
+    "example_with_past",
+    "position_ids",
+]
 
 
 def cache_argument(model: nn.Module) -> str | None:

@@ -111,7 +111,13 @@ class ExportedModel(nn.Module):
         return sum((self.folder / name).stat().st_size for name in info.get("model_files", []))
 
 
-def load_exported(folder: str | Path, threads: int | None = None, device: str = "CPU", exact: bool = True):
+def load_exported(
+    folder: str | Path,
+    threads: int | None = None,
+    device: str = "CPU",
+    exact: bool = True,
+    engine_config: dict[str, Any] | None = None,
+):
     """Load an ``onnx`` or ``openvino`` export written by `hf_compress.export.export`.
 
     Args:
@@ -123,6 +129,10 @@ def load_exported(folder: str | Path, threads: int | None = None, device: str = 
             ``MatMulNBits`` accuracy level 4 after fusing DequantizeLinear + MatMul, OpenVINO's dynamic
             quantization; measured 1e-2 off on a tiny Llama), and OpenVINO computes in bf16 on AMX CPUs:
             ``exact=False`` keeps those defaults (faster, less exact).
+        engine_config: engine options applied last, over ``exact``: OpenVINO ``compile_model`` properties (e.g.
+            ``{"DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}``: the CPU's default precision, bf16 where it is native, with
+            float activations; ``16``: finer on-the-fly int8 groups than the default 32), or ONNX Runtime session
+            config entries (``{"session.qdq_matmulnbits_accuracy_level": "4"}``).
     """
     folder = Path(folder)
     info = json.loads((folder / MANIFEST).read_text())
@@ -136,6 +146,8 @@ def load_exported(folder: str | Path, threads: int | None = None, device: str = 
             options.inter_op_num_threads = 1
         if exact:
             options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
+        for key, value in (engine_config or {}).items():
+            options.add_session_config_entry(str(key), str(value))
         session = ort.InferenceSession(
             str(folder / info["model_files"][0]), options, providers=["CPUExecutionProvider"]
         )
@@ -150,6 +162,7 @@ def load_exported(folder: str | Path, threads: int | None = None, device: str = 
         if device == "CPU" and exact:
             # f32 like the PyTorch model, no on-the-fly int8 quantization of activations
             config.update(INFERENCE_PRECISION_HINT="f32", DYNAMIC_QUANTIZATION_GROUP_SIZE=0)
+        config.update(engine_config or {})
         compiled = ov.Core().compile_model(str(folder / info["model_files"][0]), device, config)
         request = compiled.create_infer_request()
 

@@ -127,6 +127,27 @@ def test_openvino_round_trip(family, tmp_path):
     _check(_pruned_factorized(family), tmp_path / "pruned", target="openvino")
 
 
+@pytest.mark.parametrize("target", ["onnx", "openvino"])
+def test_engine_config_reaches_the_engine(target, tmp_path):
+    """`engine_config` is applied over `exact`: the exact settings given explicitly over the engine's defaults
+    reproduce the exact run bit for bit, and an option the engine does not know is the engine's own error."""
+    pytest.importorskip("openvino" if target == "openvino" else "onnxruntime")
+    model = _quantize(tiny_model("bert"), "int8")
+    folder = export(model, to=target, output_dir=tmp_path / target)
+    inputs = _inputs(model)
+    exact = load_exported(folder)(**inputs).last_hidden_state
+    settings = (
+        {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
+        if target == "openvino"
+        else {"session.qdq_matmulnbits_accuracy_level": "1"}
+    )
+    again = load_exported(folder, exact=False, engine_config=settings)(**inputs).last_hidden_state
+    assert torch.equal(exact, again)
+    if target == "openvino":  # ONNX Runtime accepts any session config key; OpenVINO checks its properties
+        with pytest.raises(Exception, match="NOT_A_PROPERTY"):
+            load_exported(folder, engine_config={"NOT_A_PROPERTY": 1})
+
+
 def test_minilm_int8_int4_onnx_and_openvino(minilm_dir, minilm_tokenizer, debian_texts, tmp_path):
     for bits, group in ((8, None), (4, 32)):
         model = AutoModel.from_pretrained(minilm_dir).eval()
