@@ -12,7 +12,7 @@ compressed-tensors and vLLM store.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -26,6 +26,7 @@ from .zero_points import integer_zero_points
 __all__ = [
     "QuantizedWeight",
     "quantize_weight",
+    "join_row_blocks",
     "quantize_blocks",
     "check_weight",
     "block_rows",
@@ -90,16 +91,21 @@ def quantize_weight(
     rows, cols = weight.shape
     if rows <= block_rows(cols):
         return _quantize_block(weight, bits, group_size, symmetric, algorithm, dtype, name, zero_point)
-    # Each block is written into preallocated outputs (a list of parts + cat would hold the integers twice).
+    return join_row_blocks(rows, quantize_blocks(weight, bits, group_size, symmetric, algorithm, dtype, name,
+                                                 zero_point))  # fmt: skip
+
+
+def join_row_blocks(rows: int, blocks: Iterable[tuple[slice, QuantizedWeight]]) -> QuantizedWeight:
+    """One `QuantizedWeight` of `rows` rows from ``(row slice, part)`` blocks, each written into outputs allocated
+    at the first block: a list of parts joined by ``torch.cat`` would hold every integer twice at the end."""
     out = None
-    for block_slice, part in quantize_blocks(weight, bits, group_size, symmetric, algorithm, dtype, name, zero_point):
+    for block_slice, part in blocks:
         if out is None:
-            zero = None if part.zero is None else part.zero.new_empty(rows, part.zero.shape[1])
-            out = QuantizedWeight(part.q.new_empty(rows, cols), part.scale.new_empty(rows, part.scale.shape[1]), zero)
-        out.q[block_slice] = part.q
-        out.scale[block_slice] = part.scale
-        if out.zero is not None:
-            out.zero[block_slice] = part.zero
+            out = QuantizedWeight(*(None if t is None else t.new_empty(rows, *t.shape[1:]) for t in part))
+        for whole, piece in zip(out, part):
+            if piece is not None:
+                whole[block_slice] = piece
+        del part  # before the next block is computed: one part alive at a time
     return out
 
 

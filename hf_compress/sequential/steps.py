@@ -22,7 +22,7 @@ from torch import nn
 
 from ..factorization.config import LowRankLinearConfig
 from ..pruning.config import FFNPruningConfig, HeadPruningConfig
-from ..quantization.algorithms import QuantizedWeight
+from ..quantization.algorithms import QuantizedWeight, join_row_blocks
 from ..quantization.config import WeightQuantizationConfig
 from ..quantization.convert import new_module, quantize_into
 from ..quantization.gptq import HessianFactor, float_target_weight, gptq_weight, shared_factors
@@ -194,20 +194,18 @@ def _gptq_by_rows(weight: torch.Tensor, factor: HessianFactor, spec: ModuleSpec,
         return gptq_weight(weight, factor, spec, config.damp, config.scale_dtype, name, cross=cross,
                            strength=strength, overwrite=overwrite)  # fmt: skip
     mapped = weight.is_contiguous() and in_checkpoint_mmap(weight)
-    result = None
-    for start in range(0, rows, _GPTQ_ROWS):
-        block = weight[start : start + _GPTQ_ROWS]
-        part = gptq_weight(block, factor, spec, config.damp, config.scale_dtype, name, cross=cross,
-                           strength=strength, overwrite=overwrite)  # fmt: skip
-        if result is None:  # written block by block: joining the parts at the end would hold the codes twice
-            result = QuantizedWeight(*(None if t is None else t.new_empty(rows, *t.shape[1:]) for t in part))
-        for whole, piece in zip(result, part):
-            if piece is not None:
-                whole[start : start + len(piece)] = piece
-        del part
-        if mapped:
-            drop_pages(block)
-    return result
+
+    def blocks():
+        for start in range(0, rows, _GPTQ_ROWS):
+            block = weight[start : start + _GPTQ_ROWS]
+            yield slice(start, start + len(block)), gptq_weight(
+                block, factor, spec, config.damp, config.scale_dtype, name, cross=cross, strength=strength,
+                overwrite=overwrite,
+            )  # fmt: skip
+            if mapped:  # runs once the block's codes are written
+                drop_pages(block)
+
+    return join_row_blocks(rows, blocks())
 
 
 def step_for(config: TechniqueConfig, *, float_target: bool | float = True) -> LayerStep:

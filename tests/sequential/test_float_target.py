@@ -233,3 +233,25 @@ def test_cross_moments_pair_the_float_model_with_the_quantized_one(family):
                 torch.testing.assert_close(cross[name], (xf - xq).t() @ xq / len(xq), rtol=1e-4, atol=1e-5)
             else:  # the first stage: the same inputs
                 torch.testing.assert_close(xf, xq, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("with_cross", [False, True])
+def test_gptq_by_row_blocks_equals_the_whole_weight(monkeypatch, with_cross):
+    """A tall weight (an LM head) is quantized a block of rows at a time into preallocated outputs: GPTQ never mixes
+    rows, so the result is the whole weight's bit for bit, the last block short included."""
+    from hf_compress.quantization.config import ModuleSpec
+    from hf_compress.quantization.gptq import gptq_weight
+    from hf_compress.sequential import steps
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(13, 32, generator=generator)
+    x = torch.randn(200, 32, generator=generator)
+    factor = hessian_factor(x.t() @ x / len(x), CONFIG.damp)
+    cross = 0.05 * torch.randn(32, 32, generator=generator) if with_cross else None
+    spec = ModuleSpec("linear", 4, 16, False)
+    whole = gptq_weight(weight, factor, spec, CONFIG.damp, CONFIG.scale_dtype, "head", cross=cross, strength=0.5)
+    monkeypatch.setattr(steps, "_GPTQ_ROWS", 5)  # blocks of 5, 5 and 3 rows
+    blocks = steps._gptq_by_rows(weight, factor, spec, CONFIG, "head", cross, 0.5)
+    for got, want in zip(blocks, whole):
+        assert torch.equal(got, want)
+    assert blocks.q.shape == (13, 32) and blocks.zero is not None
